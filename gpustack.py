@@ -1,0 +1,1578 @@
+"""Agno models, embedders and rerankers for GPUStack, on the Python standard library alone.
+
+GPUStack serves models through OpenAI-compatible endpoints. This one module gives Agno:
+
+    from gpustack import GPUStackChat, GPUStackEmbeddings, GPUStackRerank
+    agent = Agent(model=GPUStackChat(id="qwen3"))
+
+It imports only the standard library and ``agno``: HTTP goes through ``urllib.request``
+(with a connection-reusing handler under it), async through worker threads, and the
+server-sent-events parser is written here. Run ``python gpustack.py --help`` for the
+command line.
+"""
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import contextvars
+import email.utils
+import http.client
+import json
+import os
+import random
+import re
+import select
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
+
+from agno.exceptions import ModelProviderError
+from agno.metrics import MessageMetrics
+from agno.models.base import Model
+from agno.models.message import Message
+from agno.models.response import ModelResponse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPUStackChat",
+    "GPUStackEmbeddings",
+    "GPUStackRerank",
+    "GPUStack",
+    "list_models",
+    "alist_models",
+    "close_connections",
+]
+
+T = TypeVar("T")
+
+# Configuration and errors ####################################################
+
+DEFAULT_SERVER_URL = "http://localhost:9009"
+SERVER_URL_ENV = "GPUSTACK_SERVER_URL"
+API_KEY_ENV = "GPUSTACK_API_KEY"
+
+DEFAULT_TIMEOUT = 600.0  # seconds, per connect and per wait for data, as in the OpenAI SDK
+DEFAULT_MAX_RETRIES = 2
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+MAX_RETRY_AFTER = 120.0  # a server that asks for a longer pause is not retried
+
+ERROR_SNIPPET_CHARS = 400  # of a plain-text or HTML error body, what a message keeps
+ERROR_BODY_BYTES = 64 * 1024  # of an error body, what is read at all
+READ_BLOCK_BYTES = 64 * 1024
+MAX_SSE_LINE_BYTES = 8 * 1024 * 1024  # one line of an event stream
+MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event, all its data lines together
+DRAIN_AFTER_DONE_BYTES = 64 * 1024  # read past [DONE] to reuse the connection, no further
+
+POOL_MAX_IDLE_PER_HOST = 256
+POOL_MAX_IDLE_SECONDS = 30.0
+WORKER_IDLE_SECONDS = 2.0  # an async worker thread with nothing to do for this long exits
+ASYNC_STREAM_BACKLOG = 1024  # pieces a stream reader may run ahead of its async consumer
+
+USER_AGENT = f"agno-gpustack/{__version__} (+python-urllib)"
+
+_NO_RETRY_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
+_BACKEND_4XX = re.compile(r"Worker request failed:.*?status=4\d\d")
+
+
+def _server_root(base_url: Optional[str]) -> str:
+    """The server's origin and path prefix, without a trailing ``/``, ``/v1`` or ``/v1-openai``."""
+    url = (base_url or os.getenv(SERVER_URL_ENV) or DEFAULT_SERVER_URL).strip()
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"GPUStack server URL must look like http://host:port or https://host, got {_redact_url(url)!r}; "
+            f"set base_url=... or {SERVER_URL_ENV}"
+        )
+    path = parts.path.rstrip("/")
+    for suffix in ("/v1-openai", "/v1"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")).rstrip("/")
+
+
+def _redact_url(url: str) -> str:
+    """The URL with any ``user:password@`` removed, for messages."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "", url)
+
+
+def _redact(text: str, secret: Optional[str]) -> str:
+    """``text`` with the API key cut out, wherever a server or library echoed it."""
+    if secret and len(secret) >= 4 and secret in text:
+        text = text.replace(secret, "***")
+    return text
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Where and how to reach GPUStack; shared by every endpoint."""
+
+    root: str
+    api_key: Optional[str] = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    verify: Union[bool, str] = True
+    headers: Optional[Tuple[Tuple[str, str], ...]] = None
+    model_name: Optional[str] = None
+    model_id: Optional[str] = None
+
+
+def _settings(
+    base_url: Optional[str],
+    api_key: Optional[str],
+    timeout: Optional[float],
+    max_retries: Optional[int],
+    verify: Union[bool, str, None],
+    headers: Optional[Dict[str, str]],
+    model_name: Optional[str] = None,
+    model_id: Optional[str] = None,
+) -> _Settings:
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
+        raise ValueError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+    return _Settings(
+        root=_server_root(base_url),
+        api_key=api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None),
+        timeout=float(timeout) if timeout is not None else DEFAULT_TIMEOUT,
+        max_retries=max_retries if max_retries is not None else DEFAULT_MAX_RETRIES,
+        verify=True if verify is None else verify,
+        headers=tuple((str(k), str(v)) for k, v in headers.items()) if headers else None,
+        model_name=model_name,
+        model_id=model_id,
+    )
+
+
+def _error_text(body: bytes, content_type: str = "") -> Tuple[str, Optional[str]]:
+    """The server's own words in an error body, and its error code, whichever of the five shapes it has.
+
+    OpenAI ``{"error": {"message", "type", "code"}}``; GPUStack ``{"code", "reason", "message"}``;
+    vLLM ``{"object": "error", "message"}``; FastAPI ``{"detail": ...}``; or text/HTML from a proxy.
+    """
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text) if text[:1] in ("{", "[", '"') else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            code = error.get("code") if error.get("code") is not None else error.get("type")
+            return str(error["message"]), None if code is None else str(code)
+        if isinstance(error, str) and error:
+            return error, None if data.get("code") is None else str(data.get("code"))
+        if data.get("message"):
+            code = data.get("code") if data.get("code") is not None else data.get("type")
+            return str(data["message"]), None if code is None else str(code)
+        detail = data.get("detail")
+        if isinstance(detail, str) and detail:
+            return detail, None
+        if isinstance(detail, list) and detail:
+            return "; ".join(_validation_item(item) for item in detail), None
+    if isinstance(data, str) and data:
+        return data, None
+    if "html" in content_type.lower() or text[:1] == "<":
+        text = re.sub(r"<[^>]*>", " ", text)
+    text = " ".join(text.split())
+    if len(text) > ERROR_SNIPPET_CHARS:
+        text = text[:ERROR_SNIPPET_CHARS] + "..."
+    return text, None
+
+
+def _validation_item(item: Any) -> str:
+    if isinstance(item, dict):
+        loc = ".".join(str(part) for part in item.get("loc") or ())
+        msg = str(item.get("msg") or item)
+        return f"{loc}: {msg}" if loc else msg
+    return str(item)
+
+
+def _error_hint(status: int, message: str, settings: _Settings, location: Optional[str] = None) -> str:
+    """What the user can do about an HTTP error, in one sentence."""
+    lowered = message.lower()
+    if 300 <= status < 400:
+        return (
+            f"The server redirected to {_redact_url(location or '?')}; redirects are not followed, so the API key "
+            f"never goes to another address. Set base_url or {SERVER_URL_ENV} to the new address "
+            "(often http:// changed to https://)."
+        )
+    if status in (401, 403):
+        state = "was sent" if settings.api_key else "is not set"
+        return f"Check the API key: {API_KEY_ENV} (or api_key=...) {state}; create one in GPUStack's UI under API Keys."
+    if status == 404 and "model" in lowered:
+        return (
+            f"Check the model name {settings.model_id!r}: list_models() or `python gpustack.py models` "
+            "shows the models with a running instance."
+        )
+    if status == 404:
+        return f"Check base_url: {settings.root} should be the GPUStack server itself, without /v1."
+    if status == 503 and "no running instance" in lowered:
+        return "The model exists but has no running instance yet: wait for it to start, or check it in GPUStack."
+    if status == 503 and _BACKEND_4XX.search(message):
+        return "The model's backend rejected the request itself; retrying cannot help."
+    if status == 429:
+        return "GPUStack is rate-limiting this key; slow down or raise the limit."
+    return ""
+
+
+def _provider_error(message: str, status: int, settings: _Settings) -> ModelProviderError:
+    """The one way this module builds an error: Agno's type, classified, key-free."""
+    error = ModelProviderError(
+        message=_redact(message, settings.api_key),
+        status_code=status,
+        model_name=settings.model_name,
+        model_id=settings.model_id,
+    )
+    return ModelProviderError.classify(error)
+
+
+def _http_error(
+    status: int, reason: str, headers: Any, body: bytes, method: str, url: str, settings: _Settings
+) -> ModelProviderError:
+    words, code = _error_text(body, headers.get("Content-Type", "") if headers is not None else "")
+    words = words or f"HTTP {status} {reason}".strip()
+    hint = _error_hint(status, words, settings, headers.get("Location") if headers is not None else None)
+    where = f"HTTP {status} from {method} {_redact_url(url)}" + (f", code {code}" if code else "")
+    return _provider_error(f"{words} ({where}). {hint}".rstrip(), status, settings)
+
+
+def _connection_error(exc: BaseException, method: str, url: str, settings: _Settings) -> ModelProviderError:
+    """An error for a call that got no HTTP answer (status 502, as Agno uses)."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    shown = _redact_url(url)
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        message = (
+            f"No answer from {method} {shown} within timeout={settings.timeout:g}s; "
+            "raise timeout=... if the model is slow (a cold start can take minutes)."
+        )
+    elif isinstance(reason, ssl.SSLCertVerificationError):
+        message = (
+            f"TLS certificate of {shown} could not be verified ({reason.verify_message or reason}); pass "
+            "verify='/path/to/ca.pem' for a private CA, or verify=False for a self-signed certificate."
+        )
+    elif isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or (
+        isinstance(reason, OSError) and not isinstance(reason, (ConnectionResetError, BrokenPipeError))
+    ):
+        message = (
+            f"Cannot connect to GPUStack at {shown}: {reason}. Is the server running there? "
+            f"Set base_url=... or {SERVER_URL_ENV}."
+        )
+    else:
+        message = f"Connection to {shown} failed before an answer: {reason!r}."
+    return _provider_error(message, 502, settings)
+
+
+def _should_retry(status: int, message: str, headers: Any) -> bool:
+    """Whether an HTTP error can succeed on a second try."""
+    verdict = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+    if verdict in ("true", "false"):
+        return verdict == "true"
+    if status in _NO_RETRY_STATUSES:
+        return False
+    if status == 503 and _BACKEND_4XX.search(message):
+        return False  # GPUStack wraps the backend's own 4xx into a 503; it fails the same way every time
+    return status in (408, 409, 429) or status >= 500
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    """Seconds the server asked us to wait: ``retry-after-ms``, then seconds, then an HTTP date."""
+    if headers is None:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return float(millis) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    when = email.utils.parsedate_tz(value)
+    if when is None:
+        return None
+    return email.utils.mktime_tz(when) - time.time()
+
+
+def _retry_delay(attempt: int, headers: Any = None) -> Optional[float]:
+    """Seconds to wait before retry number ``attempt + 1``, or None when the server asks too much."""
+    asked = _retry_after(headers)
+    if asked is not None:
+        if asked > MAX_RETRY_AFTER:
+            return None
+        return max(asked, 0.0)
+    delay = min(INITIAL_RETRY_DELAY * (2**attempt), MAX_RETRY_DELAY)
+    return delay * (1 - 0.25 * random.random())
+
+
+# Transport: connections, request, retry ######################################
+
+
+class _Aborted(Exception):
+    """The caller went away (task cancelled, stream closed); the request was torn down."""
+
+
+class _CallGuard:
+    """Lets another thread tear down the request a worker thread is blocked in.
+
+    Async calls run in threads; when their task is cancelled, ``abort()`` shuts the socket
+    down so the worker's read returns at once and GPUStack sees the client leave.
+    """
+
+    __slots__ = ("aborted", "_conn", "_lock", "_wake")
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self._conn: Optional[http.client.HTTPConnection] = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def attach(self, conn: Optional[http.client.HTTPConnection]) -> None:
+        with self._lock:
+            if self.aborted:
+                raise _Aborted()
+            self._conn = conn
+
+    def detach(self, conn: http.client.HTTPConnection) -> None:
+        """The request on ``conn`` is over: a later abort must not touch it (it may serve another call)."""
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            conn, self._conn = self._conn, None
+        self._wake.set()
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def sleep(self, seconds: float) -> None:
+        if self._wake.wait(seconds):
+            raise _Aborted()
+
+
+_GUARD: "contextvars.ContextVar[Optional[_CallGuard]]" = contextvars.ContextVar("gpustack_guard", default=None)
+
+
+class _ConnectionPool:
+    """Idle keep-alive connections by (scheme, host, tunnel); one caller holds a connection at a time."""
+
+    def __init__(self) -> None:
+        self._idle: Dict[Tuple[str, str, Optional[str]], List[Tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: Tuple[str, str, Optional[str]]) -> Optional[http.client.HTTPConnection]:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if now - since < POOL_MAX_IDLE_SECONDS and _still_open(conn):
+                return conn
+            conn.close()
+
+    def give_back(self, key: Tuple[str, str, Optional[str]], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < POOL_MAX_IDLE_PER_HOST:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive socket that is readable was closed by the server (or sent junk): unusable."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class _Reply:
+    """One HTTP answer on a pooled connection; the connection goes back only after a complete body."""
+
+    __slots__ = ("status", "reason", "headers", "_resp", "_conn", "_pool", "_key", "_guard")
+
+    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: _ConnectionPool, key, guard):
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+        self._resp = resp
+        self._conn = conn
+        self._pool = pool
+        self._key = key
+        self._guard: Optional[_CallGuard] = guard
+
+    def read(self, limit: Optional[int] = None) -> bytes:
+        return self._resp.read(limit) if limit is not None else self._resp.read()
+
+    def blocks(self) -> Iterator[bytes]:
+        """The body as it arrives: each block is what one read of the socket returned."""
+        read1 = self._resp.read1
+        while True:
+            block = read1(READ_BLOCK_BYTES)
+            if not block:
+                return
+            yield block
+
+    def finish(self) -> None:
+        """Give the connection back if the body was read to its end; otherwise close it."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        resp = self._resp
+        if resp.isclosed() and not resp.will_close and conn.sock is not None:
+            if self._guard is not None:
+                self._guard.detach(conn)
+            self._pool.give_back(self._key, conn)
+        else:
+            resp.close()
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection now, whatever is left unread (GPUStack then stops generating)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._resp.close()
+        conn.close()
+
+
+_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
+    """urllib's HTTP(S) handler, keeping connections open between calls.
+
+    urllib opens a new TCP (and TLS) connection per request; that costs more than
+    everything else a call does. Proxies (``ProxyHandler`` before us) still work: the pool
+    is keyed by the host urllib decided to talk to, and HTTPS tunnels by their target.
+    """
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext]) -> None:
+        super().__init__()
+        self._context = ssl_context
+        self.pool = _ConnectionPool()
+
+    def http_open(self, req: urllib.request.Request) -> _Reply:
+        return self._open(req, http.client.HTTPConnection, {})
+
+    def https_open(self, req: urllib.request.Request) -> _Reply:
+        return self._open(req, http.client.HTTPSConnection, {"context": self._context})
+
+    http_request = urllib.request.AbstractHTTPHandler.do_request_
+    https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+    def _open(self, req: urllib.request.Request, conn_class: Type[http.client.HTTPConnection], extra: dict) -> _Reply:
+        tunnel = getattr(req, "_tunnel_host", None)
+        key = (req.type, req.host, tunnel)
+        headers = {name.title(): value for name, value in req.headers.items()}
+        headers.update({name.title(): value for name, value in req.unredirected_hdrs.items()})
+        tunnel_headers = {}
+        if "Proxy-Authorization" in headers:
+            tunnel_headers["Proxy-Authorization"] = headers.pop("Proxy-Authorization")
+        guard = _GUARD.get()
+        while True:
+            conn = self.pool.take(key)
+            reused = conn is not None
+            if conn is None:
+                conn = conn_class(req.host, timeout=req.timeout, **extra)
+                if tunnel:
+                    conn.set_tunnel(tunnel, headers=tunnel_headers)
+            else:
+                conn.timeout = req.timeout
+                conn.sock.settimeout(req.timeout)
+            try:
+                if guard is not None:
+                    guard.attach(conn)
+                conn.request(req.get_method(), req.selector, req.data, headers)
+                if guard is not None:
+                    guard.attach(conn)  # a cancel that came while connecting must still stop us
+                resp = conn.getresponse()
+            except _STALE_ERRORS as exc:
+                conn.close()
+                if reused:
+                    continue  # the server closed an idle connection; the request never reached it
+                raise urllib.error.URLError(exc) from exc
+            except _Aborted:
+                conn.close()
+                raise
+            except OSError as exc:
+                conn.close()
+                if guard is not None and guard.aborted:
+                    raise _Aborted() from exc
+                raise urllib.error.URLError(exc) from exc
+            except BaseException:
+                conn.close()
+                raise
+            return _Reply(resp, conn, self.pool, key, guard)
+
+
+_OPENERS: Dict[Any, Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]] = {}
+_OPENERS_LOCK = threading.Lock()
+
+
+def _ssl_context(verify: Union[bool, str]) -> ssl.SSLContext:
+    """TLS settings: the system trust store (honouring ``SSL_CERT_FILE``), a CA bundle, or none."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if isinstance(verify, str):
+        if not os.path.exists(verify):
+            raise ValueError(f"verify={verify!r}: no such CA bundle file or directory")
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    return ssl.create_default_context()
+
+
+def _opener(verify: Union[bool, str]) -> Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]:
+    """One opener per TLS setting, shared by every model, so connections are reused across them."""
+    key = verify if isinstance(verify, str) else bool(verify)
+    found = _OPENERS.get(key)
+    if found is not None:
+        return found
+    with _OPENERS_LOCK:
+        found = _OPENERS.get(key)
+        if found is None:
+            handler = _KeepAliveHandler(_ssl_context(verify))
+            # No redirect or error processors: a 3xx or 4xx comes back as a reply for us to map.
+            opener = urllib.request.OpenerDirector()
+            for part in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), handler):
+                opener.add_handler(part)
+            found = _OPENERS[key] = (opener, handler)
+    return found
+
+
+def close_connections() -> None:
+    """Close every idle keep-alive connection this module holds: ``gpustack.close_connections()``."""
+    with _OPENERS_LOCK:
+        handlers = [handler for _, handler in _OPENERS.values()]
+    for handler in handlers:
+        handler.pool.close()
+
+
+class _Transport:
+    """Every HTTP call of the module: request, status check, retry, error mapping, SSE."""
+
+    __slots__ = ("settings", "_headers")
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        for name, value in settings.headers or ():
+            headers[name] = value
+        self._headers = headers
+
+    def url(self, path: str) -> str:
+        return f"{self.settings.root}/v1/{path}"
+
+    def _encode(self, body: Optional[Dict[str, Any]]) -> Optional[bytes]:
+        if body is None:
+            return None
+        try:
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Request body for GPUStack cannot be sent as JSON: {exc}") from None
+
+    def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False) -> _Reply:
+        """Send one request, retrying what can succeed later; return a 2xx reply or raise."""
+        settings = self.settings
+        url = self.url(path)
+        data = self._encode(body)
+        headers = dict(self._headers)
+        headers["Accept"] = "text/event-stream" if stream else "application/json"
+        opener, _ = _opener(settings.verify)
+        guard = _GUARD.get()
+        attempt = 0
+        while True:
+            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            delay: Optional[float]
+            try:
+                reply = opener.open(request, timeout=settings.timeout)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                error = _connection_error(exc, method, url, settings)
+                delay = _retry_delay(attempt)
+            else:
+                if 200 <= reply.status < 300:
+                    return reply
+                try:
+                    raw = reply.read(ERROR_BODY_BYTES)
+                except (OSError, http.client.HTTPException):
+                    raw = b""
+                reply.close()
+                error = _http_error(reply.status, reply.reason, reply.headers, raw, method, url, settings)
+                retry = _should_retry(reply.status, error.message, reply.headers)
+                delay = _retry_delay(attempt, reply.headers) if retry else None
+            if attempt >= settings.max_retries or delay is None:
+                raise error
+            attempt += 1
+            from agno.utils.log import log_warning
+
+            log_warning(f"GPUStack: {error.message} Retrying in {delay:.2f}s ({attempt}/{settings.max_retries}).")
+            if guard is not None:
+                guard.sleep(delay)
+            else:
+                time.sleep(delay)
+
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
+        """A whole JSON request and answer."""
+        reply = self.open(method, path, body)
+        url = self.url(path)
+        try:
+            raw = reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            reply.close()
+            raise self._lost(exc, url) from None
+        reply.finish()
+        return self._decode(raw, reply, url)
+
+    def _decode(self, raw: bytes, reply: _Reply, url: str) -> Any:
+        content_type = reply.headers.get("Content-Type", "")
+        try:
+            if not raw.strip():
+                raise ValueError("empty body")
+            return json.loads(raw)
+        except ValueError:
+            words, _ = _error_text(raw, content_type)
+            raise _provider_error(
+                f"GPUStack answered HTTP {reply.status} from {_redact_url(url)} with a body that is not JSON "
+                f"(Content-Type {content_type or 'missing'}): {words or 'empty body'}. "
+                "Is base_url the GPUStack server, not a web page or a proxy's login?",
+                502,
+                self.settings,
+            ) from None
+
+    def _lost(self, exc: BaseException, url: str) -> ModelProviderError:
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return _connection_error(exc, "POST", url, self.settings)
+        return _provider_error(
+            f"Connection to {_redact_url(url)} broke while reading the answer ({exc!r}); the answer is incomplete.",
+            502,
+            self.settings,
+        )
+
+    def stream(self, path: str, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        """The JSON objects of an event stream, each as soon as its line arrives.
+
+        Raises ModelProviderError for an error event, a data line that is not JSON, and a
+        stream that ends before ``[DONE]`` and before any ``finish_reason`` (a cut connection).
+        Closing the generator early closes the connection, so GPUStack stops generating.
+        """
+        reply = self.open("POST", path, body, stream=True)
+        url = self.url(path)
+        clean = False
+        try:
+            content_type = reply.headers.get("Content-Type", "").lower()
+            if "json" in content_type:
+                # A gateway that ignored stream=true: one whole answer instead of events.
+                whole = self._decode(self._read_all(reply, url), reply, url)
+                _raise_if_error_event(whole, "", self.settings)
+                clean = True
+                yield whole
+                return
+            if "html" in content_type:
+                words, _ = _error_text(reply.read(ERROR_BODY_BYTES), content_type)
+                raise _provider_error(
+                    f"GPUStack answered a stream request from {_redact_url(url)} with {content_type}, not an event "
+                    f"stream: {words}. Is base_url the GPUStack server?",
+                    502,
+                    self.settings,
+                )
+            finished = False
+            decoder = _SSEDecoder()
+            for event_type, data in self._events(reply, decoder, url):
+                if data == "[DONE]":
+                    clean = self._drain(reply)
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise _provider_error(
+                        f"GPUStack sent a stream event that is not JSON: {data[:ERROR_SNIPPET_CHARS]!r}",
+                        502,
+                        self.settings,
+                    ) from None
+                _raise_if_error_event(chunk, event_type, self.settings)
+                if not finished and _has_finish_reason(chunk):
+                    finished = True
+                yield chunk
+            if not finished:
+                raise _provider_error(
+                    f"The stream from {_redact_url(url)} ended before [DONE] and before any finish_reason: "
+                    "the connection was cut and the answer is incomplete.",
+                    502,
+                    self.settings,
+                )
+            clean = True
+        finally:
+            if clean:
+                reply.finish()
+            else:
+                reply.close()
+
+    def _events(self, reply: _Reply, decoder: "_SSEDecoder", url: str) -> Iterator[Tuple[str, str]]:
+        try:
+            for block in reply.blocks():
+                yield from decoder.feed(block)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise self._lost(exc, url) from None
+        except _SSETooLarge as exc:
+            raise _provider_error(f"GPUStack's event stream is malformed: {exc}", 502, self.settings) from None
+        yield from decoder.close()
+
+    def _read_all(self, reply: _Reply, url: str) -> bytes:
+        try:
+            return reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._lost(exc, url) from None
+
+    @staticmethod
+    def _drain(reply: _Reply) -> bool:
+        """Read what follows ``[DONE]`` (normally just the end of the body) so the connection can be reused."""
+        try:
+            rest = reply.read(DRAIN_AFTER_DONE_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        return len(rest) < DRAIN_AFTER_DONE_BYTES and reply._resp.isclosed()
+
+
+def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> None:
+    """Raise for an error reported inside a stream: a top-level ``error`` or an ``event: error``."""
+    if not isinstance(chunk, dict):
+        raise _provider_error(f"GPUStack sent a stream event that is not a JSON object: {chunk!r:.200}", 502, settings)
+    if "error" in chunk and chunk["error"] or event_type == "error":
+        raw = json.dumps(chunk).encode()
+        words, code = _error_text(raw)
+        error = chunk.get("error")
+        status = 500
+        for candidate in (error.get("code") if isinstance(error, dict) else None, chunk.get("code")):
+            if isinstance(candidate, int) and 400 <= candidate < 600:
+                status = candidate
+                break
+        suffix = f" (code {code})" if code else ""
+        raise _provider_error(f"Error inside the stream: {words}{suffix}", status, settings)
+
+
+def _has_finish_reason(chunk: Dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            return True
+    return False
+
+
+# Transport: server-sent events ###############################################
+# The rules are the WHATWG event-stream algorithm:
+# https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+
+
+class _SSETooLarge(Exception):
+    pass
+
+
+class _SSEDecoder:
+    """Bytes in, ``(event type, data)`` out, one event as soon as its closing blank line arrives.
+
+    Lines end in ``\\n``, ``\\r\\n`` or ``\\r`` (a ``\\r`` at the end of a block may be the first
+    half of ``\\r\\n``, so a ``\\n`` opening the next block is skipped). Comment lines are
+    ignored, several ``data:`` lines are joined with ``\\n``, events without data are skipped.
+    Tolerated gateway bugs: a bare ``{...}`` line is an event of its own.
+    """
+
+    __slots__ = ("_partial", "_after_cr", "_data", "_size", "_event", "last_event_id", "retry")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._after_cr = False
+        self._data: List[str] = []
+        self._size = 0
+        self._event = ""
+        self.last_event_id = ""
+        self.retry: Optional[int] = None
+
+    def feed(self, block: bytes) -> List[Tuple[str, str]]:
+        if self._after_cr and block[:1] == b"\n":
+            block = block[1:]
+        self._after_cr = False
+        if self._partial:
+            block = self._partial + block
+            self._partial = b""
+        lines = block.splitlines(True)
+        if lines and not lines[-1].endswith((b"\n", b"\r")):
+            self._partial = lines.pop()
+            if len(self._partial) > MAX_SSE_LINE_BYTES:
+                raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
+        elif lines and lines[-1].endswith(b"\r"):
+            self._after_cr = True
+        events: List[Tuple[str, str]] = []
+        for raw in lines:
+            event = self._line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def close(self) -> List[Tuple[str, str]]:
+        """At end of stream: a last unterminated line counts; an event without its blank line does not."""
+        events: List[Tuple[str, str]] = []
+        if self._partial:
+            event = self._line(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> Optional[Tuple[str, str]]:
+        if not line:
+            return self._dispatch()
+        if line[0] == ":":
+            return None
+        if line[0] == "{" and not self._data:
+            return (self._event, line)
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._size += len(value)
+            if self._size > MAX_SSE_EVENT_BYTES:
+                raise _SSETooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES} bytes")
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif name == "retry":
+            if value.isdigit():
+                self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Optional[Tuple[str, str]]:
+        data, event = self._data, self._event
+        self._data, self._event, self._size = [], "", 0
+        if not data:
+            return None
+        return (event, "\n".join(data))
+
+
+# Transport: async ############################################################
+
+
+class _ElasticExecutor(concurrent.futures.Executor):
+    """Threads for blocking calls that grow with demand and exit when idle.
+
+    The event loop's default executor holds min(32, cpu + 4) threads: on a 2-core machine
+    the 7th concurrent call would wait for one of the first six. Here every call that finds
+    no idle thread gets a new one, and a thread idle for WORKER_IDLE_SECONDS exits.
+    """
+
+    def __init__(self) -> None:
+        self._queue: "collections.deque[Tuple[concurrent.futures.Future, Callable, tuple]]" = collections.deque()
+        self._lock = threading.Condition(threading.Lock())
+        self._idle = 0
+        self.threads = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call = (lambda: fn(*args, **kwargs)) if kwargs else (lambda: fn(*args))
+        with self._lock:
+            self._queue.append((future, call, ()))
+            if self._idle >= len(self._queue):
+                self._lock.notify()
+                return future
+            self.threads += 1
+        threading.Thread(target=self._work, name="gpustack-worker", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._idle += 1
+                    self._lock.wait(WORKER_IDLE_SECONDS)
+                    self._idle -= 1
+                    if not self._queue:
+                        self.threads -= 1
+                        return
+                future, call, _ = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del future, call
+
+
+_EXECUTOR = _ElasticExecutor()
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call in a worker thread; if the awaiting task is cancelled, tear its request down."""
+    guard = _CallGuard()
+    context = contextvars.copy_context()
+
+    def run() -> T:
+        _GUARD.set(guard)
+        return fn(*args, **kwargs)
+
+    future = _EXECUTOR.submit(context.run, run)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        guard.abort()
+        raise
+
+
+async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """An async iterator over a blocking iterator that a worker thread drives.
+
+    The thread runs ahead by at most ASYNC_STREAM_BACKLOG items and hands them over in
+    batches, waking the event loop only when the consumer waits; closing or cancelling the
+    consumer aborts the request, which ends the thread.
+    """
+    loop = asyncio.get_running_loop()
+    guard = _CallGuard()
+    items: "collections.deque[Any]" = collections.deque()
+    room = threading.Condition(threading.Lock())
+    state = {"waiter": None, "done": False, "error": None, "closed": False}
+    _END = object()
+
+    def wake(waiter: "asyncio.Future[None]") -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def hand_over(item: Any) -> None:
+        with room:
+            while len(items) >= ASYNC_STREAM_BACKLOG and not state["closed"]:
+                room.wait(0.5)
+            if state["closed"]:
+                raise _Aborted()
+            items.append(item)
+            waiter, state["waiter"] = state["waiter"], None
+        if waiter is not None:
+            loop.call_soon_threadsafe(wake, waiter)
+
+    def produce() -> None:
+        _GUARD.set(guard)
+        iterator = make()
+        try:
+            for item in iterator:
+                hand_over(item)
+            hand_over(_END)
+        except _Aborted:
+            pass
+        except BaseException as exc:
+            try:
+                hand_over(_Failure(exc))
+            except _Aborted:
+                pass
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    context = contextvars.copy_context()
+    _EXECUTOR.submit(context.run, produce)
+    try:
+        while True:
+            with room:
+                batch = list(items)
+                items.clear()
+                if not batch:
+                    waiter = state["waiter"] = loop.create_future()
+                else:
+                    room.notify()
+            if not batch:
+                await waiter
+                continue
+            for item in batch:
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+    finally:
+        with room:
+            state["closed"] = True
+            room.notify_all()
+        guard.abort()
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+# The chat model ##############################################################
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool", "model": "assistant"}
+
+
+class _ThinkSplitter:
+    """Moves ``<think>...</think>`` in streamed content to reasoning, also when a tag is cut across chunks."""
+
+    __slots__ = ("inside", "_held", "_strip_next")
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.inside = False
+        self._held = ""
+        self._strip_next = False
+
+    def feed(self, text: str) -> Tuple[str, str]:
+        """(reasoning, content) of this piece; a possible start of a tag is held for the next piece."""
+        if self._held:
+            text, self._held = self._held + text, ""
+        elif "<" not in text and not self.inside:
+            return "", self._content(text)
+        reasoning: List[str] = []
+        content: List[str] = []
+        while text:
+            tag = self.CLOSE if self.inside else self.OPEN
+            at = text.find(tag)
+            if at >= 0:
+                (reasoning if self.inside else content).append(text[:at])
+                text = text[at + len(tag) :]
+                self.inside = not self.inside
+                self._strip_next = not self.inside
+                continue
+            held = _partial_tag_at_end(text, tag)
+            if held:
+                self._held, text = text[-held:], text[:-held]
+            (reasoning if self.inside else content).append(text)
+            break
+        return "".join(reasoning), self._content("".join(content))
+
+    def flush(self) -> Tuple[str, str]:
+        held, self._held = self._held, ""
+        return (held, "") if self.inside else ("", self._content(held))
+
+    def _content(self, text: str) -> str:
+        if self._strip_next and text:
+            text = text.lstrip()
+            self._strip_next = not text
+        return text
+
+
+def _partial_tag_at_end(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` could begin ``tag``."""
+    start = text.rfind("<", max(0, len(text) - len(tag) + 1))
+    if start >= 0 and tag.startswith(text[start:]):
+        return len(text) - start
+    return 0
+
+
+def _split_think(content: str) -> Tuple[Optional[str], str]:
+    """Reasoning and answer from a whole ``<think>...</think>answer`` (the opening tag may be in the prompt)."""
+    end = content.find("</think>")
+    if end < 0:
+        return None, content
+    start = content.find("<think>")
+    reasoning = content[start + len("<think>") : end] if 0 <= start < end else content[:end]
+    return reasoning.strip(), content[end + len("</think>") :].strip()
+
+
+def _usage_metrics(usage: Dict[str, Any]) -> MessageMetrics:
+    """Agno metrics from an OpenAI-style ``usage`` object."""
+    metrics = MessageMetrics()
+    metrics.input_tokens = int(usage.get("prompt_tokens") or 0)
+    metrics.output_tokens = int(usage.get("completion_tokens") or 0)
+    metrics.total_tokens = int(usage.get("total_tokens") or (metrics.input_tokens + metrics.output_tokens))
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    if isinstance(prompt_details, dict):
+        metrics.cache_read_tokens = int(prompt_details.get("cached_tokens") or 0)
+        metrics.audio_input_tokens = int(prompt_details.get("audio_tokens") or 0)
+    completion_details = usage.get("completion_tokens_details") or {}
+    if isinstance(completion_details, dict):
+        metrics.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
+        metrics.audio_output_tokens = int(completion_details.get("audio_tokens") or 0)
+    metrics.audio_total_tokens = metrics.audio_input_tokens + metrics.audio_output_tokens
+    known = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
+    extra = {key: value for key, value in usage.items() if key not in known}
+    if extra:  # GPUStack adds time_to_first_token_ms, tokens_per_second, ...
+        metrics.provider_metrics = extra
+    return metrics
+
+
+def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A complete tool call in the shape Agno runs: arguments as a JSON string."""
+    function = dict(raw.get("function") or {})
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        function["arguments"] = json.dumps(arguments if arguments is not None else {})
+    return {"id": raw.get("id"), "type": raw.get("type") or "function", "function": function}
+
+
+@dataclass
+class GPUStackChat(Model):
+    """A chat model served by GPUStack, for Agno agents.
+
+        from agno.agent import Agent
+        from gpustack import GPUStackChat
+
+        agent = Agent(model=GPUStackChat(id="qwen3", base_url="http://gpustack:9009"))
+        agent.print_response("Hello!")
+
+    ``base_url`` falls back to ``GPUSTACK_SERVER_URL``, ``api_key`` to ``GPUSTACK_API_KEY``.
+    """
+
+    name: str = "GPUStackChat"
+    provider: str = "GPUStack"
+    supports_native_structured_outputs: bool = True
+
+    # Request parameters: sent only when set
+    temperature: Optional[float] = None
+    max_tokens: Optional[int] = None
+    top_p: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    user: Optional[str] = None
+    enable_thinking: Optional[bool] = None  # Qwen3-style chat_template_kwargs.enable_thinking
+    strict_output: bool = True
+    request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. vLLM's top_k)
+
+    # Client parameters
+    base_url: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    verify: Union[bool, str] = True
+    headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # may carry credentials too
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.base_url = _server_root(self.base_url)
+        if self.api_key is None:
+            self.api_key = os.getenv(API_KEY_ENV) or None
+
+    # -- transport --------------------------------------------------------------
+
+    def _transport(self) -> _Transport:
+        return _Transport(
+            _settings(
+                self.base_url,
+                self.api_key or "",
+                self.timeout,
+                self.max_retries,
+                self.verify,
+                self.headers,
+                model_name=self.name,
+                model_id=self.id,
+            )
+        )
+
+    def close(self) -> None:
+        """Close idle connections to the server: ``model.close()``."""
+        close_connections()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The model's settings without secrets: ``model.to_dict()``."""
+        data = super().to_dict()
+        data.update(
+            {
+                name: getattr(self, name)
+                for name in (
+                    "base_url",
+                    "timeout",
+                    "max_retries",
+                    "temperature",
+                    "max_tokens",
+                    "top_p",
+                    "frequency_penalty",
+                    "presence_penalty",
+                    "stop",
+                    "seed",
+                    "logprobs",
+                    "top_logprobs",
+                    "user",
+                    "enable_thinking",
+                )
+                if getattr(self, name) is not None
+            }
+        )
+        return data
+
+    # -- request ----------------------------------------------------------------
+
+    def get_request_params(
+        self,
+        response_format: Optional[Union[Dict, Type[Any]]] = None,
+        tools: Optional[List[Dict[str, Any]]] = None,
+        tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
+        **_: Any,
+    ) -> Dict[str, Any]:
+        """The request fields this model sends besides model and messages: ``model.get_request_params()``."""
+        params: Dict[str, Any] = {
+            name: value
+            for name in (
+                "temperature",
+                "max_tokens",
+                "top_p",
+                "frequency_penalty",
+                "presence_penalty",
+                "stop",
+                "seed",
+                "logprobs",
+                "top_logprobs",
+                "user",
+            )
+            if (value := getattr(self, name)) is not None
+        }
+        if response_format is not None:
+            params["response_format"] = self._response_format(response_format)
+        if tools:
+            params["tools"] = [_plain_tool(tool) for tool in tools]
+            if tool_choice is not None:
+                params["tool_choice"] = tool_choice
+        if self.enable_thinking is not None:
+            params["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
+        for key, value in (self.request_params or {}).items():
+            if isinstance(value, dict) and isinstance(params.get(key), dict):
+                params[key] = {**params[key], **value}
+            else:
+                params[key] = value
+        return params
+
+    def _response_format(self, response_format: Any) -> Any:
+        if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
+            from agno.utils.models.schema_utils import get_response_schema_for_provider
+
+            return {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": response_format.__name__,
+                    "schema": get_response_schema_for_provider(response_format, "openai"),
+                    "strict": self.strict_output,
+                },
+            }
+        return response_format
+
+    def _format_message(self, message: Union[Message, Dict[str, Any]], compress_tool_results: bool = False) -> Dict[str, Any]:
+        """One message in OpenAI chat format; the system role stays ``system``."""
+        if isinstance(message, dict):
+            formatted = dict(message)
+            formatted["role"] = _ROLES.get(str(formatted.get("role")), formatted.get("role"))
+            return formatted
+        content = message.get_content(use_compressed_content=compress_tool_results)
+        formatted: Dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": content}
+        if message.name:
+            formatted["name"] = message.name
+        if message.tool_call_id:
+            formatted["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            formatted["tool_calls"] = message.tool_calls
+        if message.images:
+            from agno.utils.openai import images_to_message
+
+            parts: List[Any] = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            parts.extend(images_to_message(images=message.images))
+            formatted["content"] = parts
+        if formatted["content"] is None:
+            formatted["content"] = ""
+        elif not isinstance(formatted["content"], (str, list)):
+            formatted["content"] = json.dumps(formatted["content"], default=str)
+        return formatted
+
+    def _body(self, messages: Sequence[Any], stream: bool, compress_tool_results: bool = False, **kwargs: Any) -> Dict[str, Any]:
+        if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+            raise TypeError("messages must be a list of agno Message objects or {'role': ..., 'content': ...} dicts")
+        body: Dict[str, Any] = {
+            "model": self.id,
+            "messages": [self._format_message(message, compress_tool_results) for message in messages],
+        }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        body.update(self.get_request_params(**kwargs))
+        return body
+
+    # -- Agno's four calls --------------------------------------------------------
+
+    def invoke(
+        self,
+        messages: Sequence[Union[Message, Dict[str, Any]]],
+        assistant_message: Optional[Message] = None,
+        response_format: Optional[Union[Dict, Type[Any]]] = None,
+        tools: Optional[List[Dict[str, Any]]] = None,
+        tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
+        run_response: Any = None,
+        compress_tool_results: bool = False,
+    ) -> ModelResponse:
+        """One chat completion: ``model.invoke([Message(role="user", content="Hi")]).content``."""
+        body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
+        if assistant_message is not None:
+            assistant_message.metrics.start_timer()
+        answer = self._transport().call("POST", "chat/completions", body)
+        if assistant_message is not None:
+            assistant_message.metrics.stop_timer()
+        return self._parse_provider_response(answer, response_format=response_format)
+
+    async def ainvoke(
+        self,
+        messages: Sequence[Union[Message, Dict[str, Any]]],
+        assistant_message: Optional[Message] = None,
+        response_format: Optional[Union[Dict, Type[Any]]] = None,
+        tools: Optional[List[Dict[str, Any]]] = None,
+        tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
+        run_response: Any = None,
+        compress_tool_results: bool = False,
+    ) -> ModelResponse:
+        """``await model.ainvoke(messages)``: invoke() without blocking the event loop."""
+        return await _in_thread(
+            self.invoke, messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results
+        )
+
+    def invoke_stream(
+        self,
+        messages: Sequence[Union[Message, Dict[str, Any]]],
+        assistant_message: Optional[Message] = None,
+        response_format: Optional[Union[Dict, Type[Any]]] = None,
+        tools: Optional[List[Dict[str, Any]]] = None,
+        tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
+        run_response: Any = None,
+        compress_tool_results: bool = False,
+    ) -> Iterator[ModelResponse]:
+        """Stream a chat completion: ``for piece in model.invoke_stream(messages): print(piece.content or "", end="")``."""
+        body = self._body(messages, True, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
+        if assistant_message is not None:
+            assistant_message.metrics.start_timer()
+        think = _ThinkSplitter()
+        chunks = self._transport().stream("chat/completions", body)
+        try:
+            for chunk in chunks:
+                piece = self._parse_provider_response_delta(chunk)
+                if piece.content:
+                    reasoning, piece.content = think.feed(piece.content)
+                    if reasoning:
+                        piece.reasoning_content = (piece.reasoning_content or "") + reasoning
+                yield piece
+        finally:
+            chunks.close()
+        reasoning, content = think.flush()
+        if reasoning or content:
+            yield ModelResponse(content=content or None, reasoning_content=reasoning or None)
+        if assistant_message is not None:
+            assistant_message.metrics.stop_timer()
+
+    async def ainvoke_stream(
+        self,
+        messages: Sequence[Union[Message, Dict[str, Any]]],
+        assistant_message: Optional[Message] = None,
+        response_format: Optional[Union[Dict, Type[Any]]] = None,
+        tools: Optional[List[Dict[str, Any]]] = None,
+        tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
+        run_response: Any = None,
+        compress_tool_results: bool = False,
+    ) -> AsyncIterator[ModelResponse]:
+        """``async for piece in model.ainvoke_stream(messages): ...``, pieces as they arrive."""
+        args = (messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results)
+        async for piece in _iterate_in_thread(lambda: self.invoke_stream(*args)):
+            yield piece
+
+    # -- parsing -----------------------------------------------------------------
+
+    def _parse_provider_response(self, response: Dict[str, Any], **kwargs: Any) -> ModelResponse:
+        """A whole chat completion as an Agno ModelResponse."""
+        settings = self._transport().settings
+        _raise_if_error_event(response, "", settings)
+        choices = response.get("choices")
+        if not choices or not isinstance(choices[0], dict):
+            raise _provider_error(f"GPUStack's answer has no choices: {json.dumps(response)[:ERROR_SNIPPET_CHARS]}", 502, settings)
+        choice = choices[0]
+        message = choice.get("message") or choice.get("delta") or {}
+        result = ModelResponse(role=message.get("role") or "assistant")
+        content = message.get("content")
+        if content is not None:
+            result.content = content
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if reasoning:
+            result.reasoning_content = reasoning
+        elif isinstance(content, str) and "</think>" in content:
+            result.reasoning_content, result.content = _split_think(content)
+        if message.get("tool_calls"):
+            result.tool_calls = [_tool_call(call) for call in message["tool_calls"]]
+        if response.get("usage"):
+            result.response_usage = _usage_metrics(response["usage"])
+        result.provider_data = {
+            key: value
+            for key, value in (
+                ("id", response.get("id")),
+                ("system_fingerprint", response.get("system_fingerprint")),
+                ("finish_reason", choice.get("finish_reason")),
+                ("logprobs", choice.get("logprobs")),
+            )
+            if value is not None
+        }
+        return result
+
+    def _parse_provider_response_delta(self, response: Any) -> ModelResponse:
+        """One stream chunk as an Agno ModelResponse (tool-call pieces stay pieces; parse_tool_calls merges them)."""
+        if isinstance(response, ModelResponse):
+            return response
+        result = ModelResponse()
+        choices = response.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta")
+            if delta is None:  # a gateway that wraps a whole answer as one event
+                delta = choice.get("message") or {}
+            if delta.get("role"):
+                result.role = delta["role"]
+            if delta.get("content") is not None:
+                result.content = delta["content"]
+            reasoning = delta.get("reasoning_content")
+            if reasoning is None:
+                reasoning = delta.get("reasoning")
+            if reasoning:
+                result.reasoning_content = reasoning
+            if delta.get("tool_calls"):
+                result.tool_calls = delta["tool_calls"]
+            if choice.get("finish_reason"):
+                result.provider_data = {"finish_reason": choice["finish_reason"]}
+        if response.get("usage"):
+            result.response_usage = _usage_metrics(response["usage"])
+        return result
+
+    def parse_provider_response_delta(self, chunk: Any) -> ModelResponse:
+        """A stream piece as a ModelResponse: ``model.parse_provider_response_delta(piece).content``."""
+        return self._parse_provider_response_delta(chunk)
+
+    def parse_tool_calls(self, tool_calls_data: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Merge streamed tool-call pieces (id and name first, arguments in parts) into whole calls by ``index``."""
+        merged: Dict[int, Dict[str, Any]] = {}
+        for piece in tool_calls_data:
+            if not isinstance(piece, dict):
+                continue
+            index = piece.get("index")
+            if index is None:
+                index = len(merged) if piece.get("id") or not merged else max(merged)
+            call = merged.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            if piece.get("id"):
+                call["id"] = piece["id"]
+            if piece.get("type"):
+                call["type"] = piece["type"]
+            function = piece.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call["function"]["arguments"] += arguments
+            elif arguments is not None:
+                call["function"]["arguments"] += json.dumps(arguments)
+        return [merged[index] for index in sorted(merged)]
+
+    # -- text completions ----------------------------------------------------------
+
+    def complete(self, prompt: str, stream: bool = False, **params: Any) -> Union[str, Iterator[str]]:
+        """Text completion on /v1/completions: ``model.complete("Once upon", max_tokens=20)``.
+
+        With ``stream=True`` it returns an iterator of text pieces.
+        """
+        if not isinstance(prompt, (str, list)):
+            raise TypeError("prompt must be a string")
+        body = {"model": self.id, "prompt": prompt, **self._completion_params(), **params}
+        if stream:
+            body["stream"] = True
+            return self._complete_stream(body)
+        answer = self._transport().call("POST", "completions", body)
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not choices:
+            raise _provider_error(f"GPUStack's completion has no choices: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
+        return choices[0].get("text") or ""
+
+    def _completion_params(self) -> Dict[str, Any]:
+        params = self.get_request_params()
+        params.pop("chat_template_kwargs", None)
+        return params
+
+    def _complete_stream(self, body: Dict[str, Any]) -> Iterator[str]:
+        for chunk in self._transport().stream("completions", body):
+            for choice in chunk.get("choices") or ():
+                text = choice.get("text")
+                if text:
+                    yield text
+
+    async def acomplete(self, prompt: str, stream: bool = False, **params: Any) -> Union[str, AsyncIterator[str]]:
+        """``await model.acomplete("Once upon")``; with ``stream=True``, ``async for piece in await ...``."""
+        if stream:
+            body_iter = self.complete(prompt, stream=True, **params)
+            return _iterate_in_thread(lambda: iter(body_iter))  # type: ignore[arg-type]
+        return await _in_thread(self.complete, prompt, False, **params)
+
+
+def _plain_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
+    """A tool definition without Agno's own bookkeeping fields, which strict servers reject."""
+    if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        function = {
+            key: value
+            for key, value in tool["function"].items()
+            if key not in ("requires_confirmation", "external_execution", "approval_type")
+        }
+        return {**tool, "function": function}
+    return tool

@@ -1,0 +1,842 @@
+"""Tests for gpustack.py against a fake GPUStack on 127.0.0.1, over real sockets.
+
+The fake replays bytes captured from a real GPUStack 2.3.0 server and a real llama.cpp
+server, then adds the faults those captures don't show. Each test scripts the fake itself,
+so cause and effect sit together.
+"""
+
+import asyncio
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+from agno.exceptions import ContextWindowExceededError, ModelProviderError, ModelRateLimitError
+from agno.models.message import Message
+
+import gpustack
+from gpustack import GPUStackChat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Captured from a real GPUStack 2.3.0 ###########################################
+
+# 102_v1_chat_ok_stream: GPUStack relaying a backend stream, with the usage chunk it adds.
+REAL_STREAM = (
+    b'data: {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1795547237, "model": "ghost-routed", '
+    b'"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": null}]}\n\n'
+    b'data: {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1795547237, "model": "ghost-routed", '
+    b'"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": null}]}\n\n'
+    b'data: {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1795547237, "model": "ghost-routed", '
+    b'"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    b'data: {"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1795547237,"model":"ghost-routed",'
+    b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"time_to_first_token_ms":11.264,'
+    b'"time_per_output_token_ms":6.428999999999999,"tokens_per_second":155.54518587649713}}\n\n'
+    b"data: [DONE]\n\n"
+)
+# 109_v1_chat_upstream_midstream_error: the backend failed after the first chunk.
+REAL_MIDSTREAM_ERROR = (
+    b'data: {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1795547237, "model": "ghost-routed", '
+    b'"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": null}]}\n\n'
+    b'data: {"error": {"message": "engine died mid-stream", "type": "InternalServerError", "code": 500}}\n\n'
+    b"data: [DONE]\n\n"
+)
+# 101_v1_chat_ok_nonstream
+REAL_CHAT = (
+    b'{"id": "chatcmpl-mock", "object": "chat.completion", "created": 1795547237, "model": "ghost-routed", "choices": '
+    b'[{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}], '
+    b'"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'
+)
+REAL_401 = b'{"code":401,"reason":"Unauthorized","message":"Invalid authentication credentials"}'
+REAL_403 = b'{"code":403,"reason":"Forbidden","message":"API key does not have permission to access inference features"}'
+REAL_404_MODEL = b'{"error":{"message":"Model not found","code":404,"type":"NotFound"}}'
+REAL_503_NO_INSTANCE = b'{"error":{"message":"No running instances available","code":503,"type":"ServiceUnavailable"}}'
+REAL_503_BACKEND_400 = (
+    b'{"error":{"message":"An unexpected error occurred: Worker request failed: 1 POST '
+    b"http://127.0.0.1:19020/v1/chat/completions status=400, error={\\\"error\\\": {\\\"message\\\": \\\"Invalid "
+    b'value for tool_choice\\\", \\\"type\\\": \\\"BadRequestError\\\", \\\"param\\\": null, \\\"code\\\": 400}}",'
+    b'"code":503,"type":"ServiceUnavailable"}}'
+)
+REAL_405_DETAIL = b'{"detail":"Method Not Allowed"}'
+
+# Captured from llama.cpp's server (chat_tools_parallel_stream, trimmed): two calls, arguments in pieces.
+LLAMA_TOOL_STREAM = [
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}]},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "aRG1LItt", "type": "function", "function": {"name": "get_time", "arguments": "{"}}]}}]},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"tool_calls": [
+        {"index": 1, "id": "MJtD1ssM", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz"}}]}}]},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "\"tz\":\"CE"}}]}}]},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"tool_calls": [
+        {"index": 1, "function": {"arguments": "\":\"UTC\"}"}}]}}]},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "T\"}"}}]}}]},
+    {"choices": [{"finish_reason": "tool_calls", "index": 0, "delta": {}}]},
+]
+
+
+# The fake GPUStack ##############################################################
+
+
+class Seen:
+    """One request as the fake received it."""
+
+    def __init__(self, method: str, path: str, headers: Dict[str, str], body: bytes):
+        self.method, self.path, self.headers, self.raw = method, path, headers, body
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Fake:
+    """A scripted GPUStack: ``fake.on(path, responder)``; responders write to the socket themselves."""
+
+    def __init__(self) -> None:
+        self.routes: Dict[str, List[Callable]] = {}
+        self.requests: List[Seen] = []
+        self.client_gone = threading.Event()
+        self.connections = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                fake.connections += 1
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?")[0]
+                seen = Seen(self.command, self.path, dict(self.headers.items()), body)
+                fake.requests.append(seen)
+                script = fake.routes.get(path)
+                if not script:
+                    send(self, 404, b'{"detail":"Not Found"}')
+                    return
+                responder = script.pop(0) if len(script) > 1 else script[0]
+                try:
+                    responder(self, seen)
+                except (BrokenPipeError, ConnectionResetError):
+                    fake.client_gone.set()
+                    self.close_connection = True
+
+            do_POST = do_GET = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def on(self, path: str, *responders: Callable) -> None:
+        """Answer ``path`` with these responders in turn; the last one repeats."""
+        self.routes[path] = list(responders)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send(handler, status: int, body: bytes, content_type: str = "application/json", headers: Optional[dict] = None):
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def reply(status: int, body: Any, content_type: str = "application/json", headers: Optional[dict] = None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return lambda h, seen: send(h, status, raw, content_type, headers)
+
+
+def stream(*pieces: Any, delay: float = 0.0, close: bool = False, content_type: str = "text/event-stream"):
+    """An event stream in chunked encoding; each piece (bytes, or a dict sent as ``data:``) is its own write."""
+
+    def respond(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for piece in pieces:
+            raw = piece if isinstance(piece, bytes) else b"data: " + json.dumps(piece).encode() + b"\n\n"
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+            h.wfile.flush()
+            if delay:
+                time.sleep(delay)
+        if close:
+            h.close_connection = True
+            return
+        h.wfile.write(b"0\r\n\r\n")
+
+    return respond
+
+
+def chat_answer(content: Optional[str] = "Hello", **message: Any) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, **message}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def chunk(content: Optional[str] = None, finish: Optional[str] = None, **delta: Any) -> dict:
+    if content is not None:
+        delta["content"] = content
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+@pytest.fixture
+def fake():
+    server = Fake()
+    server.on("/v1/chat/completions", reply(200, REAL_CHAT))
+    yield server
+    gpustack.close_connections()
+    server.close()
+
+
+@pytest.fixture
+def model(fake, monkeypatch):
+    monkeypatch.delenv("GPUSTACK_API_KEY", raising=False)
+    monkeypatch.delenv("GPUSTACK_SERVER_URL", raising=False)
+    monkeypatch.setattr(gpustack, "INITIAL_RETRY_DELAY", 0.01)
+    return GPUStackChat(id="ghost-routed", base_url=fake.url, api_key="sk-test-secret-123456")
+
+
+def user(text: str = "hi") -> List[Message]:
+    return [Message(role="user", content=text)]
+
+
+def text_of(pieces) -> str:
+    return "".join(piece.content or "" for piece in pieces)
+
+
+# Configuration ####################################################################
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/", "/v1-openai", "/v1-openai/"])
+def test_base_url_accepts_pasted_suffixes(fake, suffix):
+    GPUStackChat(id="m", base_url=fake.url + suffix).invoke(user())
+    assert fake.requests[-1].path == "/v1/chat/completions"
+
+
+def test_base_url_falls_back_to_env_then_default(monkeypatch, fake):
+    monkeypatch.setenv("GPUSTACK_SERVER_URL", fake.url + "/v1")
+    assert GPUStackChat(id="m").base_url == fake.url
+    monkeypatch.delenv("GPUSTACK_SERVER_URL")
+    assert GPUStackChat(id="m").base_url == "http://localhost:9009"
+
+
+def test_base_url_without_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="http://host:port"):
+        GPUStackChat(id="m", base_url="gpustack.local:9009")
+
+
+def test_api_key_from_env_is_sent_as_bearer(monkeypatch, fake):
+    monkeypatch.setenv("GPUSTACK_API_KEY", "gpustack_envkey_1234")
+    GPUStackChat(id="m", base_url=fake.url).invoke(user())
+    assert fake.requests[-1].headers["Authorization"] == "Bearer gpustack_envkey_1234"
+
+
+def test_no_key_sends_no_authorization_header(monkeypatch, fake):
+    monkeypatch.delenv("GPUSTACK_API_KEY", raising=False)
+    GPUStackChat(id="m", base_url=fake.url).invoke(user())
+    assert "Authorization" not in fake.requests[-1].headers
+
+
+def test_key_absent_from_repr_and_to_dict(model):
+    assert "sk-test-secret" not in repr(model)
+    assert "sk-test-secret" not in json.dumps(model.to_dict(), default=str)
+
+
+def test_sampling_fields_sent_only_when_set(fake):
+    GPUStackChat(id="m", base_url=fake.url).invoke(user())
+    assert set(fake.requests[-1].json) == {"model", "messages"}
+    GPUStackChat(id="m", base_url=fake.url, temperature=0.2, max_tokens=5, top_p=0.9, stop=["x"], seed=1,
+                 frequency_penalty=0.1, presence_penalty=0.2, logprobs=True, top_logprobs=2, user="u").invoke(user())
+    body = fake.requests[-1].json
+    assert body["temperature"] == 0.2 and body["max_tokens"] == 5 and body["stop"] == ["x"] and body["top_logprobs"] == 2
+
+
+def test_request_params_and_headers_are_sent(fake):
+    GPUStackChat(id="m", base_url=fake.url, request_params={"top_k": 5}, headers={"X-Team": "a"}).invoke(user())
+    assert fake.requests[-1].json["top_k"] == 5
+    assert fake.requests[-1].headers["X-Team"] == "a"
+
+
+def test_enable_thinking_goes_into_chat_template_kwargs(fake):
+    GPUStackChat(id="m", base_url=fake.url, enable_thinking=False,
+                 request_params={"chat_template_kwargs": {"foo": 1}}).invoke(user())
+    assert fake.requests[-1].json["chat_template_kwargs"] == {"enable_thinking": False, "foo": 1}
+
+
+# Messages ############################################################################
+
+
+def test_system_role_stays_system(model, fake):
+    model.invoke([Message(role="system", content="be brief"), Message(role="user", content="hi")])
+    assert [m["role"] for m in fake.requests[-1].json["messages"]] == ["system", "user"]
+
+
+def test_tool_calls_and_results_are_sent_in_openai_shape(model, fake):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    model.invoke([Message(role="user", content="x"), Message(role="assistant", content=None, tool_calls=[call]),
+                  Message(role="tool", content="42", tool_call_id="c1")])
+    sent = fake.requests[-1].json["messages"]
+    assert sent[1]["tool_calls"] == [call] and sent[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+
+
+def test_images_become_image_url_parts(model, fake, tmp_path):
+    from agno.media import Image
+
+    path = tmp_path / "p.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    images = [Image(url="https://x/y.png"), Image(filepath=str(path)), Image(content=b"\x89PNG\r\n\x1a\n00")]
+    model.invoke([Message(role="user", content="look", images=images)])
+    parts = fake.requests[-1].json["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "look"}
+    assert [p["type"] for p in parts[1:]] == ["image_url"] * 3
+    assert parts[1]["image_url"]["url"] == "https://x/y.png"
+    assert parts[2]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_seed_call_invoke_with_plain_dicts(model):
+    response = model.invoke([{"role": "user", "content": "hi"}])
+    assert response.content == "Hello"
+
+
+def test_messages_as_string_is_a_clear_error(model):
+    with pytest.raises(TypeError, match="list of agno Message"):
+        model.invoke("hi")
+
+
+# Non-streaming answers ##################################################################
+
+
+def test_invoke_returns_content_and_usage(model):
+    response = model.invoke(user())
+    assert response.content == "Hello"
+    assert (response.response_usage.input_tokens, response.response_usage.output_tokens) == (3, 2)
+
+
+def test_usage_details_become_cache_and_reasoning_metrics(model, fake):
+    answer = chat_answer()
+    answer["usage"].update(prompt_tokens_details={"cached_tokens": 7}, completion_tokens_details={"reasoning_tokens": 4})
+    fake.on("/v1/chat/completions", reply(200, answer))
+    usage = model.invoke(user()).response_usage
+    assert (usage.cache_read_tokens, usage.reasoning_tokens) == (7, 4)
+
+
+def test_reasoning_content_field_is_reasoning(model, fake):
+    fake.on("/v1/chat/completions", reply(200, chat_answer("42", reasoning_content="think hard")))
+    response = model.invoke(user())
+    assert (response.reasoning_content, response.content) == ("think hard", "42")
+
+
+def test_reasoning_field_is_reasoning(model, fake):
+    fake.on("/v1/chat/completions", reply(200, chat_answer("42", reasoning="vllm style")))
+    assert model.invoke(user()).reasoning_content == "vllm style"
+
+
+def test_think_tags_in_content_become_reasoning(model, fake):
+    fake.on("/v1/chat/completions", reply(200, chat_answer("<think>hmm</think>\n\n42")))
+    response = model.invoke(user())
+    assert (response.reasoning_content, response.content) == ("hmm", "42")
+
+
+def test_parallel_tool_calls_in_one_answer(model, fake):
+    calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": 2}}}]
+    fake.on("/v1/chat/completions", reply(200, chat_answer(None, tool_calls=calls)))
+    response = model.invoke(user())
+    assert [c["function"]["name"] for c in response.tool_calls] == ["f", "g"]
+    assert response.tool_calls[1]["function"]["arguments"] == "{\"y\": 2}"
+
+
+def test_ainvoke_without_assistant_message(model):
+    assert asyncio.run(model.ainvoke(user())).content == "Hello"
+
+
+def test_complete_posts_completions_and_returns_text(model, fake):
+    fake.on("/v1/completions", reply(200, {"choices": [{"index": 0, "text": " hello", "finish_reason": "stop"}]}))
+    assert model.complete("Say", max_tokens=3) == " hello"
+    assert fake.requests[-1].json == {"model": "ghost-routed", "prompt": "Say", "max_tokens": 3}
+
+
+def test_complete_stream_yields_text_pieces(model, fake):
+    pieces = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in ("a", "b")]
+    fake.on("/v1/completions", stream(*pieces, {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}, b"data: [DONE]\n\n"))
+    assert list(model.complete("x", stream=True)) == ["a", "b"]
+
+
+def test_acomplete_returns_text_and_streams(model, fake):
+    fake.on("/v1/completions", reply(200, {"choices": [{"index": 0, "text": "t", "finish_reason": "stop"}]}),
+            stream({"choices": [{"index": 0, "text": "s", "finish_reason": "stop"}]}, b"data: [DONE]\n\n"))
+
+    async def go():
+        text = await model.acomplete("x")
+        pieces = [piece async for piece in await model.acomplete("x", stream=True)]
+        return text, pieces
+
+    assert asyncio.run(go()) == ("t", ["s"])
+
+
+# Streaming ###################################################################################
+
+
+def test_invoke_stream_replays_real_gpustack_stream(model, fake):
+    fake.on("/v1/chat/completions", stream(REAL_STREAM))
+    pieces = list(model.invoke_stream(user()))
+    assert text_of(pieces) == "Hello"
+    usage = [p.response_usage for p in pieces if p.response_usage]
+    assert usage[0].total_tokens == 5 and usage[0].provider_metrics["tokens_per_second"] > 0
+
+
+def test_stream_asks_for_usage(model, fake):
+    fake.on("/v1/chat/completions", stream(REAL_STREAM))
+    list(model.invoke_stream(user()))
+    assert fake.requests[-1].json["stream_options"] == {"include_usage": True}
+
+
+def test_seed_stream_loop_with_parse_provider_response_delta(model, fake):
+    fake.on("/v1/chat/completions", stream(REAL_STREAM))
+    text = "".join(model.parse_provider_response_delta(c).content or "" for c in model.invoke_stream([{"role": "user", "content": "hi"}]))
+    assert text == "Hello"
+
+
+def test_ainvoke_stream_yields_pieces(model, fake):
+    fake.on("/v1/chat/completions", stream(REAL_STREAM))
+
+    async def go():
+        return [p async for p in model.ainvoke_stream(user())]
+
+    assert text_of(asyncio.run(go())) == "Hello"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_sse_line_endings(model, fake, newline):
+    fake.on("/v1/chat/completions", stream(REAL_STREAM.replace(b"\n", newline)))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+
+
+def test_sse_every_split_point_gives_same_events():
+    body = REAL_STREAM.replace(b"\n", b"\r\n")
+    whole = gpustack._SSEDecoder().feed(body)
+    for cut in range(1, len(body)):
+        decoder = gpustack._SSEDecoder()
+        assert decoder.feed(body[:cut]) + decoder.feed(body[cut:]) + decoder.close() == whole
+
+
+def test_sse_comments_ignored_and_data_lines_joined():
+    events = gpustack._SSEDecoder().feed(b": ping\n\ndata: a\ndata:b\nid: 7\nretry: 10\nevent: x\n\n")
+    assert events == [("x", "a\nb")]
+
+
+def test_sse_id_and_retry_fields_are_parsed():
+    decoder = gpustack._SSEDecoder()
+    decoder.feed(b"id: 7\nretry: 1500\ndata: x\n\n")
+    assert (decoder.last_event_id, decoder.retry) == ("7", 1500)
+
+
+def test_stream_with_keepalive_comments_and_reframed_events(model, fake):
+    # GPUStack's gateway: every line is its own event, event: lines apart from their data.
+    fake.on("/v1/chat/completions", stream(b": ping\n\n", b"event: message\n\n", b"data:" + json.dumps(chunk("Hel")).encode() + b"\n\n",
+                                           b": ping\n\n", b"data: " + json.dumps(chunk("lo", "stop")).encode() + b"\n\n", b"data: [DONE]\n\n"))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+
+
+def test_stream_tolerates_bare_json_lines(model, fake):
+    fake.on("/v1/chat/completions", stream(json.dumps(chunk("Hel")).encode() + b"\n", json.dumps(chunk("lo", "stop")).encode() + b"\n"))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+
+
+def test_stream_tolerates_whole_answer_wrapped_as_event(model, fake):
+    fake.on("/v1/chat/completions", stream(b"data: " + REAL_CHAT + b"\n\n"))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+
+
+def test_stream_request_answered_with_json_body(model, fake):
+    fake.on("/v1/chat/completions", reply(200, REAL_CHAT))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+
+
+def test_stream_pieces_arrive_before_the_stream_ends(model, fake):
+    release = threading.Event()
+
+    def slow(h, seen):
+        stream(chunk("first"))(h, seen) if False else None
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        raw = b"data: " + json.dumps(chunk("first")).encode() + b"\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+        h.wfile.flush()
+        release.wait(5)
+        raw = b"data: " + json.dumps(chunk("!", "stop")).encode() + b"\n\ndata: [DONE]\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))
+
+    fake.on("/v1/chat/completions", slow)
+    pieces = model.invoke_stream(user())
+    first = next(p for p in pieces if p.content)
+    assert first.content == "first" and not release.is_set()
+    release.set()
+    assert text_of(pieces) == "!"
+
+
+def test_streamed_reasoning_fields(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk(reasoning_content="a"), chunk(reasoning="b"), chunk("c", "stop"), b"data: [DONE]\n\n"))
+    pieces = list(model.invoke_stream(user()))
+    assert "".join(p.reasoning_content or "" for p in pieces) == "ab" and text_of(pieces) == "c"
+
+
+def test_streamed_think_tags_split_across_chunks(model, fake):
+    parts = ["<thi", "nk>let me ", "think</th", "ink>\n\nThe answer", " is <b>4</b>"]
+    fake.on("/v1/chat/completions", stream(*[chunk(p) for p in parts], chunk("", "stop"), b"data: [DONE]\n\n"))
+    pieces = list(model.invoke_stream(user()))
+    assert "".join(p.reasoning_content or "" for p in pieces) == "let me think"
+    assert text_of(pieces) == "The answer is <b>4</b>"
+
+
+def test_think_splitter_holds_only_a_possible_tag():
+    splitter = gpustack._ThinkSplitter()
+    assert splitter.feed("a <") == ("", "a ")
+    assert splitter.feed("b") == ("", "<b")
+
+
+def test_streamed_tool_call_pieces_merge_into_whole_calls(model, fake):
+    fake.on("/v1/chat/completions", stream(*LLAMA_TOOL_STREAM, b"data: [DONE]\n\n"))
+    pieces = [call for p in model.invoke_stream(user()) for call in (p.tool_calls or [])]
+    calls = model.parse_tool_calls(pieces)
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("aRG1LItt", "get_time", {"tz": "CET"}), ("MJtD1ssM", "get_time", {"tz": "UTC"})]
+
+
+# Stream faults #####################################################################################
+
+
+def test_midstream_error_frame_raises_with_message(model, fake):
+    fake.on("/v1/chat/completions", stream(REAL_MIDSTREAM_ERROR))
+    with pytest.raises(ModelProviderError, match="engine died mid-stream") as caught:
+        list(model.invoke_stream(user()))
+    assert caught.value.status_code == 500
+
+
+def test_error_event_type_raises(model, fake):
+    fake.on("/v1/chat/completions", stream(b'event: error\ndata: {"message": "overloaded"}\n\n'))
+    with pytest.raises(ModelProviderError, match="overloaded"):
+        list(model.invoke_stream(user()))
+
+
+def test_non_json_data_line_raises_provider_error(model, fake):
+    fake.on("/v1/chat/completions", stream(b"data: {not json\n\n"))
+    with pytest.raises(ModelProviderError, match="not JSON"):
+        list(model.invoke_stream(user()))
+
+
+def test_stream_cut_before_done_raises(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk("Hel"), close=True))
+    with pytest.raises(ModelProviderError, match="incomplete"):
+        list(model.invoke_stream(user()))
+
+
+def test_stream_ending_after_finish_reason_without_done_is_complete(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk("Hi", "stop")))
+    assert text_of(model.invoke_stream(user())) == "Hi"
+
+
+def test_failed_stream_request_reports_status_and_json_body(model, fake):
+    body = b'{"error": {"message": "This model\'s maximum context length is 8 tokens.", "type": "BadRequestError", "code": 400}}'
+    fake.on("/v1/chat/completions", reply(400, body))
+    with pytest.raises(ContextWindowExceededError, match="maximum context length") as caught:
+        list(model.invoke_stream(user()))
+    assert caught.value.status_code == 400
+
+
+def _endless(h, seen):
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    raw = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n"
+    for _ in range(2000):
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+        h.wfile.flush()
+        time.sleep(0.005)
+
+
+def test_breaking_out_of_a_stream_closes_the_connection(model, fake):
+    fake.on("/v1/chat/completions", _endless)
+    for piece in model.invoke_stream(user()):
+        break
+    del piece
+    gc.collect()
+    assert fake.client_gone.wait(5)
+
+
+def test_cancelled_async_stream_closes_the_connection(model, fake):
+    fake.on("/v1/chat/completions", _endless)
+
+    async def go():
+        async def consume():
+            async for _ in model.ainvoke_stream(user()):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert fake.client_gone.wait(5)
+
+
+def test_cancelled_ainvoke_closes_the_connection(model, fake):
+    def hold(h, seen):
+        try:
+            h.connection.settimeout(5)
+            if h.connection.recv(1) == b"":
+                fake.client_gone.set()
+        except OSError:
+            fake.client_gone.set()
+
+    fake.on("/v1/chat/completions", hold)
+
+    async def go():
+        task = asyncio.create_task(model.ainvoke(user()))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert fake.client_gone.wait(5)
+
+
+def test_64_concurrent_ainvoke_calls_are_in_flight_together(model, fake):
+    inside = []
+    all_in = threading.Event()
+    lock = threading.Lock()
+
+    def gate(h, seen):
+        with lock:
+            inside.append(1)
+            if len(inside) == 64:
+                all_in.set()
+        all_in.wait(10)
+        send(h, 200, REAL_CHAT)
+
+    fake.on("/v1/chat/completions", gate)
+
+    async def go():
+        return await asyncio.gather(*[model.ainvoke(user()) for _ in range(64)])
+
+    started = time.monotonic()
+    answers = asyncio.run(go())
+    assert all_in.is_set() and len(answers) == 64 and time.monotonic() - started < 10
+
+
+# Errors ###############################################################################################
+
+
+def raises(model, status: int, match: str):
+    with pytest.raises(ModelProviderError, match=match) as caught:
+        model.invoke(user())
+    assert caught.value.status_code == status
+    assert caught.value.model_id == model.id and caught.value.model_name == model.name
+    return caught.value
+
+
+def test_gpustack_401_names_the_env_var(model, fake):
+    fake.on("/v1/chat/completions", reply(401, REAL_401))
+    error = raises(model, 401, "Invalid authentication credentials")
+    assert "GPUSTACK_API_KEY" in error.message
+
+
+def test_gpustack_403_names_the_env_var(model, fake):
+    fake.on("/v1/chat/completions", reply(403, REAL_403))
+    assert "GPUSTACK_API_KEY" in raises(model, 403, "permission to access inference").message
+
+
+def test_model_not_found_suggests_list_models(model, fake):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_MODEL))
+    assert "list_models" in raises(model, 404, "Model not found").message
+
+
+def test_no_running_instance_explained(model, fake):
+    fake.on("/v1/chat/completions", reply(503, REAL_503_NO_INSTANCE))
+    model.max_retries = 0
+    assert "no running instance yet" in raises(model, 503, "No running instances available").message
+
+
+def test_vllm_error_shape(model, fake):
+    fake.on("/v1/chat/completions", reply(400, {"object": "error", "message": "bad temperature", "type": "BadRequestError", "code": 400}))
+    raises(model, 400, "bad temperature")
+
+
+@pytest.mark.parametrize("detail, words", [("Method Not Allowed", "Method Not Allowed"),
+                                           ([{"loc": ["body", "model"], "msg": "field required"}], "body.model: field required")])
+def test_fastapi_detail_shapes(model, fake, detail, words):
+    fake.on("/v1/chat/completions", reply(422, {"detail": detail}))
+    raises(model, 422, words)
+
+
+def test_html_502_from_gateway_keeps_the_text(model, fake):
+    html = b"<html><body><h1>502 Bad Gateway</h1>upstream connect error or disconnect/reset before headers" + b" x" * 500 + b"</body></html>"
+    fake.on("/v1/chat/completions", reply(502, html, "text/html"))
+    model.max_retries = 0
+    error = raises(model, 502, "upstream connect error")
+    assert "<h1>" not in error.message and len(error.message) < 1000
+
+
+def test_plain_text_no_healthy_upstream(model, fake):
+    fake.on("/v1/chat/completions", reply(503, b"no healthy upstream", "text/plain"))
+    model.max_retries = 0
+    raises(model, 503, "no healthy upstream")
+
+
+def test_refused_connection_names_url_and_env_var():
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    model = GPUStackChat(id="m", base_url=f"http://127.0.0.1:{port}", max_retries=0)
+    error = raises(model, 502, "Cannot connect")
+    assert f"127.0.0.1:{port}" in error.message and "GPUSTACK_SERVER_URL" in error.message
+
+
+def test_timeout_names_the_value(fake):
+    fake.on("/v1/chat/completions", lambda h, seen: time.sleep(1.5))
+    model = GPUStackChat(id="m", base_url=fake.url, timeout=0.3, max_retries=0)
+    started = time.monotonic()
+    raises(model, 502, r"timeout=0\.3s")
+    assert time.monotonic() - started < 1.4
+
+
+def test_redirect_is_reported_not_followed(model, fake):
+    fake.on("/v1/chat/completions", reply(307, b"", headers={"Location": "https://elsewhere.example/v1/chat/completions"}))
+    error = raises(model, 307, "redirected to https://elsewhere.example")
+    assert len(fake.requests) == 1 and "sk-test-secret" not in error.message
+
+
+def test_key_never_in_error_even_if_server_echoes_it(model, fake):
+    fake.on("/v1/chat/completions", reply(401, {"error": {"message": "bad key sk-test-secret-123456"}}))
+    assert "sk-test-secret-123456" not in raises(model, 401, "bad key").message
+
+
+def test_rate_limit_is_classified(model, fake):
+    fake.on("/v1/chat/completions", reply(429, {"error": {"message": "slow down"}}, headers={"Retry-After": "0"}))
+    with pytest.raises(ModelRateLimitError):
+        model.invoke(user())
+    assert len(fake.requests) == 3
+
+
+def test_500_then_success_is_retried(model, fake):
+    fake.on("/v1/chat/completions", reply(500, {"error": {"message": "boom"}}), reply(200, REAL_CHAT))
+    assert model.invoke(user()).content == "Hello"
+    assert len(fake.requests) == 2
+
+
+def test_429_honours_retry_after(model, fake):
+    fake.on("/v1/chat/completions", reply(429, {"error": {"message": "slow"}}, headers={"Retry-After": "0.4"}), reply(200, REAL_CHAT))
+    started = time.monotonic()
+    model.invoke(user())
+    assert time.monotonic() - started >= 0.4
+
+
+def test_retry_after_longer_than_two_minutes_is_not_retried(model, fake):
+    fake.on("/v1/chat/completions", reply(429, {"error": {"message": "later"}}, headers={"Retry-After": "600"}))
+    with pytest.raises(ModelRateLimitError):
+        model.invoke(user())
+    assert len(fake.requests) == 1
+
+
+def test_retry_after_http_date_is_understood():
+    import email.utils
+
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < gpustack._retry_after({"retry-after": when}) <= 31
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+def test_client_errors_are_not_retried(model, fake, status):
+    fake.on("/v1/chat/completions", reply(status, {"error": {"message": "no"}}))
+    with pytest.raises(ModelProviderError):
+        model.invoke(user())
+    assert len(fake.requests) == 1
+
+
+def test_gpustack_503_wrapping_backend_400_is_not_retried(model, fake):
+    fake.on("/v1/chat/completions", reply(503, REAL_503_BACKEND_400))
+    with pytest.raises(ModelProviderError, match="Invalid value for tool_choice"):
+        model.invoke(user())
+    assert len(fake.requests) == 1
+
+
+def test_stream_is_retried_before_its_first_byte(model, fake):
+    fake.on("/v1/chat/completions", reply(502, b"upstream exploded (plain text)", "text/plain"), stream(REAL_STREAM))
+    assert text_of(model.invoke_stream(user())) == "Hello"
+    assert len(fake.requests) == 2
+
+
+def test_empty_200_body_is_a_clear_error(model, fake):
+    fake.on("/v1/chat/completions", reply(200, b""))
+    raises(model, 502, "not JSON")
+
+
+def test_html_200_body_is_a_clear_error(model, fake):
+    fake.on("/v1/chat/completions", reply(200, b"<html>login</html>", "text/html"))
+    raises(model, 502, "not JSON")
+
+
+# Connections #########################################################################################
+
+
+def test_sequential_calls_reuse_one_connection(model, fake):
+    for _ in range(5):
+        model.invoke(user())
+    fake.on("/v1/chat/completions", stream(REAL_STREAM))
+    for _ in range(3):
+        list(model.invoke_stream(user()))
+    assert fake.connections == 1
+
+
+def test_connection_closed_by_server_between_calls_is_replaced(model, fake):
+    def once_then_close(h, seen):
+        send(h, 200, REAL_CHAT)
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", once_then_close)
+    for _ in range(3):
+        assert model.invoke(user()).content == "Hello"
+
+
+def test_async_worker_threads_exit_when_idle(model, monkeypatch):
+    monkeypatch.setattr(gpustack, "WORKER_IDLE_SECONDS", 0.2)
+
+    async def go():
+        await asyncio.gather(*[model.ainvoke(user()) for _ in range(8)])
+
+    asyncio.run(go())
+    deadline = time.monotonic() + 5
+    while gpustack._EXECUTOR.threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gpustack._EXECUTOR.threads == 0
