@@ -840,3 +840,112 @@ def test_async_worker_threads_exit_when_idle(model, monkeypatch):
     while gpustack._EXECUTOR.threads and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gpustack._EXECUTOR.threads == 0
+
+
+# Agno Agent runs ##########################################################################################
+
+
+def get_weather(city: str) -> str:
+    """Get the weather for a city.
+
+    Args:
+        city: The city name.
+    """
+    return f"sunny in {city}"
+
+
+def tool_turns(stream_mode: bool):
+    """First turn: call get_weather (arguments split when streamed); next turn: answer with the tool's result."""
+
+    def respond(h, seen):
+        messages = seen.json["messages"]
+        tool_results = [m for m in messages if m["role"] == "tool"]
+        if not tool_results:
+            if stream_mode:
+                pieces = [chunk(tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]),
+                          chunk(tool_calls=[{"index": 0, "function": {"arguments": "{\"ci"}}]),
+                          chunk(tool_calls=[{"index": 0, "function": {"arguments": "ty\": \"Paris\"}"}}]),
+                          chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
+                return stream(*pieces)(h, seen)
+            call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+            return send(h, 200, json.dumps(chat_answer(None, tool_calls=call and [call])).encode())
+        answer = "It is " + tool_results[0]["content"]
+        if stream_mode:
+            return stream(chunk(answer[:6]), chunk(answer[6:], "stop"), b"data: [DONE]\n\n")(h, seen)
+        return send(h, 200, json.dumps(chat_answer(answer)).encode())
+
+    return respond
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_agent_run_calls_python_tool_and_answers(model, fake, streamed):
+    from agno.agent import Agent
+
+    fake.on("/v1/chat/completions", tool_turns(streamed))
+    agent = Agent(model=model, tools=[get_weather])
+    if streamed:
+        content = "".join(e.content for e in agent.run("weather in Paris?", stream=True)
+                          if getattr(e, "event", "") == "RunContent" and isinstance(e.content, str))
+    else:
+        content = agent.run("weather in Paris?").content
+    assert content == "It is sunny in Paris"
+    first = fake.requests[0].json
+    assert first["tools"][0]["function"]["name"] == "get_weather"
+    assert fake.requests[1].json["messages"][-1]["tool_call_id"] == "call_1"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_agent_arun_calls_python_tool_and_answers(model, fake, streamed):
+    from agno.agent import Agent
+
+    fake.on("/v1/chat/completions", tool_turns(streamed))
+    agent = Agent(model=model, tools=[get_weather])
+
+    async def go():
+        if streamed:
+            parts = []
+            async for e in agent.arun("weather in Paris?", stream=True):
+                if getattr(e, "event", "") == "RunContent" and isinstance(e.content, str):
+                    parts.append(e.content)
+            return "".join(parts)
+        return (await agent.arun("weather in Paris?")).content
+
+    assert asyncio.run(go()) == "It is sunny in Paris"
+
+
+def test_tool_choice_is_passed_through(model, fake):
+    from agno.agent import Agent
+
+    fake.on("/v1/chat/completions", tool_turns(False))
+    Agent(model=model, tools=[get_weather], tool_choice="required").run("x")
+    assert fake.requests[0].json["tool_choice"] == "required"
+
+
+def test_agent_structured_output_sends_json_schema_and_parses(model, fake):
+    from agno.agent import Agent
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    fake.on("/v1/chat/completions", reply(200, chat_answer('{"name": "Paris", "population": 2100000}')))
+    result = Agent(model=model, output_schema=City).run("Tell me about Paris").content
+    assert result == City(name="Paris", population=2100000)
+    response_format = fake.requests[-1].json["response_format"]
+    assert response_format["type"] == "json_schema" and response_format["json_schema"]["name"] == "City"
+    assert "population" in json.dumps(response_format["json_schema"]["schema"])
+
+
+def test_json_object_response_format_passes_through(model, fake):
+    model.invoke(user(), response_format={"type": "json_object"})
+    assert fake.requests[-1].json["response_format"] == {"type": "json_object"}
+
+
+def test_agent_streamed_reasoning_reaches_run_output(model, fake):
+    from agno.agent import Agent
+
+    fake.on("/v1/chat/completions", stream(chunk("<think>weigh it</think>"), chunk("Yes", "stop"), b"data: [DONE]\n\n"))
+    events = [e for e in Agent(model=model).run("?", stream=True) if getattr(e, "event", "") == "RunContent"]
+    assert "".join(e.content or "" for e in events if isinstance(e.content, str)) == "Yes"
+    assert "".join(getattr(e, "reasoning_content", None) or "" for e in events) == "weigh it"
