@@ -581,9 +581,15 @@ def _ssl_context(verify: Union[bool, str]) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+_PROXY_VARIABLES = tuple(
+    name for base in ("http_proxy", "https_proxy", "all_proxy", "no_proxy") for name in (base, base.upper())
+)
+
+
 def _opener(verify: Union[bool, str]) -> Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]:
-    """One opener per TLS setting, shared by every model, so connections are reused across them."""
-    key = verify if isinstance(verify, str) else bool(verify)
+    """One opener per TLS setting and proxy environment, shared by every model, so connections are reused."""
+    environ = os.environ
+    key = (verify if isinstance(verify, str) else bool(verify), tuple(environ.get(name) for name in _PROXY_VARIABLES))
     found = _OPENERS.get(key)
     if found is not None:
         return found

@@ -949,3 +949,85 @@ def test_agent_streamed_reasoning_reaches_run_output(model, fake):
     events = [e for e in Agent(model=model).run("?", stream=True) if getattr(e, "event", "") == "RunContent"]
     assert "".join(e.content or "" for e in events if isinstance(e.content, str)) == "Yes"
     assert "".join(getattr(e, "reasoning_content", None) or "" for e in events) == "weigh it"
+
+
+# TLS, proxies, logs ##########################################################################################
+
+
+@pytest.fixture
+def tls_fake(tmp_path):
+    import shutil
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not available to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = Fake()
+    server.on("/v1/chat/completions", reply(200, REAL_CHAT))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+    server.url = server.url.replace("http://", "https://")
+    server.cert = str(cert)
+    yield server
+    gpustack.close_connections()
+    server.close()
+
+
+def test_self_signed_certificate_is_refused_by_default_with_advice(tls_fake):
+    model = GPUStackChat(id="m", base_url=tls_fake.url, max_retries=0)
+    assert "verify=False" in raises(model, 502, "certificate").message
+
+
+def test_verify_with_ca_bundle_path(tls_fake):
+    assert GPUStackChat(id="m", base_url=tls_fake.url, verify=tls_fake.cert).invoke(user()).content == "Hello"
+
+
+def test_verify_false_accepts_self_signed(tls_fake):
+    assert GPUStackChat(id="m", base_url=tls_fake.url, verify=False).invoke(user()).content == "Hello"
+
+
+def test_ssl_cert_file_env_is_honoured(tls_fake, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_fake.cert)
+    gpustack._OPENERS.clear()
+    try:
+        assert GPUStackChat(id="m", base_url=tls_fake.url).invoke(user()).content == "Hello"
+    finally:
+        gpustack.close_connections()
+        gpustack._OPENERS.clear()
+
+
+def test_http_proxy_env_is_used_and_no_proxy_respected(fake, monkeypatch):
+    proxy = Fake()
+    try:
+        proxy.on(fake.url + "/v1/chat/completions", reply(200, chat_answer("via proxy")))
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        model = GPUStackChat(id="m", base_url=fake.url)
+        assert model.invoke(user()).content == "via proxy"
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert model.invoke(user()).content == "Hello"
+    finally:
+        gpustack.close_connections()
+        proxy.close()
+
+
+def test_key_never_in_retry_log_lines(model, fake, caplog):
+    import logging
+
+    fake.on("/v1/chat/completions", reply(500, {"error": {"message": "boom for sk-test-secret-123456"}}), reply(200, REAL_CHAT))
+    with caplog.at_level(logging.DEBUG):
+        model.invoke(user())
+    assert "boom" in caplog.text and "sk-test-secret-123456" not in caplog.text
+
+
+def test_concurrent_threads_share_one_model(model, fake):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: model.invoke(user()).content, range(200)))
+    assert answers == ["Hello"] * 200
