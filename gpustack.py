@@ -50,7 +50,10 @@ from typing import (
     Union,
 )
 
-from agno.exceptions import ModelProviderError
+from agno.exceptions import EmbeddingError, ModelProviderError
+from agno.knowledge.document import Document
+from agno.knowledge.embedder.base import Embedder, aembed_texts_individually, pad_batch_embeddings, raise_embedding_error
+from agno.knowledge.reranker.base import Reranker
 from agno.metrics import MessageMetrics
 from agno.models.base import Model
 from agno.models.message import Message
@@ -1582,3 +1585,445 @@ def _plain_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
         }
         return {**tool, "function": function}
     return tool
+
+
+# Embeddings ##################################################################
+
+EMBED_BATCH_CONCURRENCY = 4  # batches in flight at once when embedding many texts
+
+
+def _check_texts(texts: Any) -> List[str]:
+    """The input as a list of non-empty strings, or a ValueError before any request."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise ValueError("Nothing to embed: pass a non-empty string or a non-empty list of strings")
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Text {position} to embed is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"Text {position} to embed is empty; embedding servers reject or mis-embed empty strings")
+    return list(texts)
+
+
+def _vector(raw: Any) -> List[float]:
+    """One embedding: a list of floats, or base64 of little-endian float32."""
+    if isinstance(raw, str):
+        data = base64.b64decode(raw)
+        return list(struct.unpack(f"<{len(data) // 4}f", data))
+    return raw
+
+
+@dataclass
+class GPUStackEmbeddings(Embedder):
+    """Embeddings from a GPUStack model, also an Agno ``Embedder`` for knowledge bases.
+
+        embeddings = GPUStackEmbeddings(id="bge-m3")
+        vectors = embeddings.parse_embeddings_response(embeddings.embed(["a", "b"]))
+        PgVector(table_name="docs", db_url=..., embedder=embeddings)
+
+    ``dimensions`` is sent to the server when set (Matryoshka models honour it); when not
+    set, it is learned from the server with one probe embedding the first time it is read.
+    """
+
+    id: str = ""
+    dimensions: Optional[int] = field(default=None, repr=False)
+    encoding_format: str = "float"  # or "base64"
+    user: Optional[str] = None
+    request_params: Optional[Dict[str, Any]] = None
+    batch_concurrency: int = EMBED_BATCH_CONCURRENCY
+
+    base_url: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    verify: Union[bool, str] = True
+    headers: Optional[Dict[str, str]] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("GPUStackEmbeddings needs the model name on GPUStack: GPUStackEmbeddings(id='bge-m3')")
+        if self.encoding_format not in ("float", "base64"):
+            raise ValueError(f"encoding_format must be 'float' or 'base64', got {self.encoding_format!r}")
+        self.base_url = _server_root(self.base_url)
+        if self.api_key is None:
+            self.api_key = os.getenv(API_KEY_ENV) or None
+
+    def _get_dimensions(self) -> Optional[int]:
+        if self._dimensions is None:
+            # Vector databases size their tables from this before the first embedding.
+            self._dimensions = len(self.parse_embeddings_response(self.embed("dimension probe"))[0])
+            self._learned = True
+        return self._dimensions
+
+    def _set_dimensions(self, value: Optional[int]) -> None:
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
+        self._dimensions = value
+        self._learned = False
+
+    def _transport(self) -> _Transport:
+        return _Transport(
+            _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
+                      model_name="GPUStackEmbeddings", model_id=self.id)
+        )
+
+    def _body(self, texts: List[str]) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"model": self.id, "input": texts[0] if len(texts) == 1 else texts}
+        if self.encoding_format != "float":
+            body["encoding_format"] = self.encoding_format
+        if self._dimensions is not None and not self._learned:
+            body["dimensions"] = self._dimensions
+        if self.user is not None:
+            body["user"] = self.user
+        body.update(self.request_params or {})
+        return body
+
+    def embed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
+        """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``."""
+        texts = _check_texts(input)
+        answer = self._transport().call("POST", "embeddings", self._body(texts))
+        vectors = self.parse_embeddings_response(answer)
+        if len(vectors) != len(texts):
+            raise _provider_error(
+                f"GPUStack returned {len(vectors)} embeddings for {len(texts)} texts", 502, self._transport().settings
+            )
+        if self._dimensions is not None and not self._learned and vectors and len(vectors[0]) != self._dimensions:
+            raise _provider_error(
+                f"GPUStack returned {len(vectors[0])}-dimensional vectors but dimensions={self._dimensions}; "
+                "the model may not support shortened embeddings: leave dimensions unset to use its own size",
+                502,
+                self._transport().settings,
+            )
+        return answer
+
+    async def aembed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
+        """``await embeddings.aembed(["a", "b"])``: embed() without blocking the event loop."""
+        _check_texts(input)
+        return await _in_thread(self.embed, input)
+
+    def parse_embeddings_response(self, result: Dict[str, Any]) -> List[List[float]]:
+        """The vectors of an embeddings answer, in input order (servers may answer out of order)."""
+        data = result.get("data") if isinstance(result, dict) else None
+        if not isinstance(data, list):
+            raise _provider_error(f"GPUStack's embeddings answer has no data list: {str(result)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
+        items = sorted(data, key=lambda item: item.get("index", 0))
+        return [_vector(item.get("embedding")) for item in items]
+
+    # -- Agno's Embedder interface: errors become EmbeddingError ------------------------
+
+    def _one(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+        try:
+            answer = self.embed(text)
+        except ModelProviderError as error:
+            raise_embedding_error(error, model_id=self.id, provider="GPUStack")
+        return self.parse_embeddings_response(answer)[0], answer.get("usage")
+
+    def get_embedding(self, text: str) -> List[float]:
+        """``embedder.get_embedding("text")`` -> one vector."""
+        return self._one(text)[0]
+
+    def get_embedding_and_usage(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+        """``embedder.get_embedding_and_usage("text")`` -> (vector, usage)."""
+        return self._one(text)
+
+    async def async_get_embedding(self, text: str) -> List[float]:
+        """``await embedder.async_get_embedding("text")``."""
+        return (await self.async_get_embedding_and_usage(text))[0]
+
+    async def async_get_embedding_and_usage(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+        """``await embedder.async_get_embedding_and_usage("text")``."""
+        _check_texts(text)
+        return await _in_thread(self._one, text)
+
+    def _batch(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+        try:
+            answer = self.embed(texts)
+        except ModelProviderError as error:
+            raise_embedding_error(error, model_id=self.id, provider="GPUStack")
+        vectors = pad_batch_embeddings(self.parse_embeddings_response(answer), texts, "GPUStack")
+        return vectors, [answer.get("usage")] * len(vectors)
+
+    def _batches(self, texts: List[str]) -> List[List[str]]:
+        texts = _check_texts(texts)
+        size = max(1, int(self.batch_size or 1))
+        return [texts[start : start + size] for start in range(0, len(texts), size)]
+
+    def get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+        """Embed many texts in ``batch_size`` requests, a few at once, in input order.
+
+        A batch that fails is retried text by text, so one bad chunk does not lose the others.
+        """
+        batches = self._batches(texts)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(self.batch_concurrency, len(batches)))) as pool:
+            results = list(pool.map(self._batch_or_each, batches))
+        return _joined(results)
+
+    def _batch_or_each(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+        try:
+            return self._batch(texts)
+        except EmbeddingError as error:
+            from agno.utils.log import log_warning
+
+            log_warning(f"GPUStack batch of {len(texts)} texts failed ({error}); embedding them one by one")
+            return _each(self, texts)
+
+    async def async_get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+        """``await embedder.async_get_embeddings_batch_and_usage(texts)``: batches run concurrently, order kept."""
+        batches = self._batches(texts)
+        limit = asyncio.Semaphore(max(1, self.batch_concurrency))
+
+        async def one(batch: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+            async with limit:
+                try:
+                    return await _in_thread(self._batch, batch)
+                except EmbeddingError as error:
+                    from agno.utils.log import log_warning
+
+                    log_warning(f"GPUStack batch of {len(batch)} texts failed ({error}); embedding them one by one")
+                    return await aembed_texts_individually(self, batch)
+
+        return _joined(await asyncio.gather(*(one(batch) for batch in batches)))
+
+
+GPUStackEmbeddings.dimensions = property(GPUStackEmbeddings._get_dimensions, GPUStackEmbeddings._set_dimensions)  # type: ignore[assignment]
+
+
+def _each(embedder: GPUStackEmbeddings, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+    """Text by text, keeping successes; like Agno's ``aembed_texts_individually``, for sync callers."""
+    vectors: List[List[float]] = []
+    usages: List[Optional[Dict]] = []
+    failures: List[Tuple[int, EmbeddingError]] = []
+    for position, text in enumerate(texts):
+        try:
+            vector, usage = embedder.get_embedding_and_usage(text)
+        except EmbeddingError as error:
+            failures.append((position, error))
+            vector, usage = [], None
+        vectors.append(vector)
+        usages.append(usage)
+    if failures and len(failures) == len(texts):
+        first = failures[0][1]
+        raise EmbeddingError(f"All {len(texts)} chunks failed to embed: {first}", status_code=first.provider_status_code,
+                             model_id=first.model_id, provider=first.provider)
+    if failures:
+        from agno.utils.log import log_warning
+
+        log_warning(f"{len(failures)} of {len(texts)} chunks failed to embed at position(s) "
+                    f"{', '.join(str(p) for p, _ in failures[:5])}: {failures[0][1]}")
+    return vectors, usages
+
+
+def _joined(results: Iterable[Tuple[List[List[float]], List[Optional[Dict]]]]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+    vectors: List[List[float]] = []
+    usages: List[Optional[Dict]] = []
+    for batch_vectors, batch_usages in results:
+        vectors.extend(batch_vectors)
+        usages.extend(batch_usages)
+    return vectors, usages
+
+
+# Rerank ######################################################################
+
+
+def _document_text(document: Union[str, Document]) -> str:
+    if isinstance(document, str):
+        return document
+    if isinstance(document, Document):
+        return document.content
+    raise TypeError(f"documents must be strings or agno Document objects, got {type(document).__name__}")
+
+
+def _result_text(result: Dict[str, Any], texts: List[str]) -> str:
+    """A result's document text: given as a string, as ``{"text": ...}``, or missing (found by index)."""
+    document = result.get("document")
+    if isinstance(document, str):
+        return document
+    if isinstance(document, dict) and isinstance(document.get("text"), str):
+        return document["text"]
+    return texts[result["index"]]
+
+
+class GPUStackRerank(Reranker):
+    """Reranking on a GPUStack model, also an Agno ``Reranker`` for vector databases.
+
+        reranker = GPUStackRerank(id="bge-reranker-v2-m3")
+        best = reranker.rerank(query="capital of France?", documents=["Paris ...", "Bananas ..."], top_n=1)
+        PgVector(table_name="docs", db_url=..., reranker=reranker)
+    """
+
+    id: str
+    top_n: Optional[int] = None
+    return_documents: bool = True
+    request_params: Optional[Dict[str, Any]] = None
+
+    base_url: Optional[str] = None
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    verify: Union[bool, str] = True
+    # Agno's Reranker is a pydantic model: the key and headers are private attributes, so they
+    # stay out of repr() and model_dump().
+    _api_key: Optional[str] = None
+    _headers: Optional[Dict[str, str]] = None
+
+    def __init__(self, *, api_key: Optional[str] = None, headers: Optional[Dict[str, str]] = None, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.base_url = _server_root(self.base_url)
+        self._api_key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)
+        self._headers = headers
+
+    @property
+    def api_key(self) -> Optional[str]:
+        return self._api_key
+
+    @property
+    def headers(self) -> Optional[Dict[str, str]]:
+        return self._headers
+
+    def _transport(self) -> _Transport:
+        return _Transport(
+            _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
+                      model_name="GPUStackRerank", model_id=self.id)
+        )
+
+    def _results(self, query: str, texts: List[str], top_n: Optional[int]) -> List[Dict[str, Any]]:
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("rerank needs a non-empty query string")
+        if not texts:
+            return []
+        body: Dict[str, Any] = {"model": self.id, "query": query, "documents": texts, "return_documents": self.return_documents}
+        if top_n is not None:
+            if not isinstance(top_n, int) or top_n <= 0:
+                raise ValueError(f"top_n must be a positive whole number, got {top_n!r}")
+            body["top_n"] = min(top_n, len(texts))
+        body.update(self.request_params or {})
+        answer = self._transport().call("POST", "rerank", body)
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(results, list):
+            raise _provider_error(f"GPUStack's rerank answer has no results list: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
+        ranked = []
+        for result in results:
+            index = result.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(texts):
+                raise _provider_error(f"GPUStack's rerank result points at document {index!r} of {len(texts)}", 502, self._transport().settings)
+            score = result.get("relevance_score", result.get("score"))
+            ranked.append({"index": index, "relevance_score": float(score), "document": _result_text(result, texts)})
+        ranked.sort(key=lambda item: item["relevance_score"], reverse=True)
+        return ranked[:top_n] if top_n else ranked
+
+    def rerank(  # type: ignore[override]
+        self,
+        query: str,
+        documents: Sequence[Union[str, Document]],
+        limit: Optional[int] = None,
+        top_n: Optional[int] = None,
+    ) -> List[Any]:
+        """Documents best first.
+
+        Strings in: ``[{"index", "relevance_score", "document"}, ...]``, errors raised.
+        Agno Documents in: the Documents reordered with ``reranking_score`` set; on a server
+        error a warning is logged and they come back in their original order (Agno's convention).
+        """
+        documents = list(documents)
+        texts = [_document_text(document) for document in documents]
+        keep = top_n or self.top_n
+        if not all(isinstance(document, Document) for document in documents) or not documents:
+            return self._results(query, texts, keep)
+        if limit is not None:
+            keep = min(keep, limit) if keep else limit
+        try:
+            results = self._results(query, texts, keep)
+        except ModelProviderError as error:
+            from agno.utils.log import log_warning
+
+            log_warning(f"GPUStack rerank failed, keeping the original order: {error}")
+            return documents[:keep] if keep else documents
+        reordered = []
+        for result in results:
+            document = documents[result["index"]]
+            document.reranking_score = result["relevance_score"]
+            reordered.append(document)
+        return reordered
+
+    async def arerank(  # type: ignore[override]
+        self,
+        query: str,
+        documents: Sequence[Union[str, Document]],
+        limit: Optional[int] = None,
+        top_n: Optional[int] = None,
+    ) -> List[Any]:
+        """``await reranker.arerank(query, documents, top_n=3)``: rerank() without blocking the event loop."""
+        return await _in_thread(self.rerank, query, documents, limit, top_n)
+
+
+# The factory and model discovery ##############################################
+
+_MODEL_TYPES: Dict[str, Any] = {
+    "chat": GPUStackChat,
+    "llm": GPUStackChat,
+    "embeddings": GPUStackEmbeddings,
+    "embedding": GPUStackEmbeddings,
+    "embedder": GPUStackEmbeddings,
+    "rerank": GPUStackRerank,
+    "reranker": GPUStackRerank,
+}
+
+MODEL_CATEGORIES = ("llm", "embedding", "image", "reranker", "speech_to_text", "text_to_speech", "unknown")
+
+
+def GPUStack(model_type: str = "chat", **kwargs: Any) -> Union[GPUStackChat, GPUStackEmbeddings, GPUStackRerank]:
+    """The GPUStack class for a kind of model: ``GPUStack(model_type="embeddings", id="bge-m3")``.
+
+    ``model_type`` is ``"chat"`` (or ``"llm"``), ``"embeddings"`` (``"embedding"``) or ``"rerank"`` (``"reranker"``).
+    """
+    cls = _MODEL_TYPES.get(str(model_type).lower().strip())
+    if cls is None:
+        raise ValueError(f"Unknown model_type {model_type!r}; use one of: {', '.join(sorted(_MODEL_TYPES))}")
+    return cls(**kwargs)
+
+
+def list_models(
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    categories: Optional[Sequence[str]] = None,
+    timeout: Optional[float] = None,
+    verify: Union[bool, str] = True,
+) -> List[Dict[str, Any]]:
+    """The models with a running instance, with their categories: ``list_models(categories=["embedding"])``.
+
+    Each item is GPUStack's own (``id``, ``owned_by``, ``meta``, ...) plus ``categories``,
+    learned by asking the server once per category (its items don't say).
+    """
+    if isinstance(categories, str):
+        categories = [categories]
+    for category in categories or ():
+        if category not in MODEL_CATEGORIES:
+            raise ValueError(f"Unknown category {category!r}; use one of: {', '.join(MODEL_CATEGORIES)}")
+    transport = _Transport(_settings(base_url, api_key, timeout, None, verify, None, model_name="list_models"))
+
+    def ids(query: Sequence[str]) -> List[Dict[str, Any]]:
+        path = "models" + ("?" + urllib.parse.urlencode([("categories", c) for c in query]) if query else "")
+        answer = transport.call("GET", path)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise _provider_error(f"GPUStack's model list has no data: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, transport.settings)
+        return [item for item in data if isinstance(item, dict) and "id" in item]
+
+    models = ids(list(categories or ()))
+    found: Dict[str, List[str]] = {model["id"]: [] for model in models}
+    for category in MODEL_CATEGORIES:
+        for item in ids([category]):
+            if item["id"] in found:
+                found[item["id"]].append(category)
+    return [{**model, "categories": found[model["id"]]} for model in models]
+
+
+async def alist_models(
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    categories: Optional[Sequence[str]] = None,
+    timeout: Optional[float] = None,
+    verify: Union[bool, str] = True,
+) -> List[Dict[str, Any]]:
+    """``await alist_models()``: list_models() without blocking the event loop."""
+    return await _in_thread(list_models, base_url, api_key, categories, timeout, verify)

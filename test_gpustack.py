@@ -1031,3 +1031,291 @@ def test_concurrent_threads_share_one_model(model, fake):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: model.invoke(user()).content, range(200)))
     assert answers == ["Hello"] * 200
+
+
+# Embeddings ##################################################################################################
+
+from agno.exceptions import EmbeddingError  # noqa: E402
+from agno.knowledge.document import Document  # noqa: E402
+
+from gpustack import GPUStack, GPUStackEmbeddings, GPUStackRerank, list_models  # noqa: E402
+
+
+def embeddings_answer(vectors, order=None, usage=True):
+    order = order or list(range(len(vectors)))
+    data = [{"object": "embedding", "index": i, "embedding": vectors[i]} for i in order]
+    answer = {"object": "list", "model": "bge-m3", "data": data}
+    if usage:
+        answer["usage"] = {"prompt_tokens": 1, "total_tokens": 1}
+    return answer
+
+
+def echo_embedder(dims: int = 3):
+    """Each text embeds to [len(text), position in its batch, 0, ...], so order mistakes show."""
+
+    def respond(h, seen):
+        texts = seen.json["input"]
+        texts = [texts] if isinstance(texts, str) else texts
+        if any("poison" in t for t in texts) and len(texts) > 1:
+            return send(h, 400, b'{"error": {"message": "batch rejected", "code": 400}}')
+        if any("poison" in t for t in texts):
+            return send(h, 400, b'{"error": {"message": "this text is poison", "code": 400}}')
+        vectors = [[float(len(t)), float(i)] + [0.0] * (dims - 2) for i, t in enumerate(texts)]
+        send(h, 200, json.dumps(embeddings_answer(vectors, order=list(reversed(range(len(texts)))))).encode())
+
+    return respond
+
+
+@pytest.fixture
+def embedder(fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "INITIAL_RETRY_DELAY", 0.01)
+    fake.on("/v1/embeddings", echo_embedder())
+    return GPUStackEmbeddings(id="bge-m3", base_url=fake.url, api_key="sk-test-secret-123456")
+
+
+def test_seed_embed_returns_server_json(embedder, fake):
+    result = embedder.embed("text")
+    assert result["data"][0]["embedding"] == [4.0, 0.0, 0.0]
+    assert fake.requests[-1].json == {"model": "bge-m3", "input": "text"}
+
+
+def test_batch_is_one_request_and_vectors_follow_index(embedder, fake):
+    vectors = embedder.parse_embeddings_response(embedder.embed(["a", "bb", "ccc"]))
+    assert [v[:2] for v in vectors] == [[1.0, 0.0], [2.0, 1.0], [3.0, 2.0]]
+    assert len(fake.requests) == 1
+
+
+def test_aembed(embedder):
+    assert asyncio.run(embedder.aembed(["a", "bb"]))["data"]
+
+
+def test_base64_vectors_are_decoded(embedder, fake):
+    import base64
+    import struct
+
+    raw = base64.b64encode(struct.pack("<3f", 0.5, -1.0, 2.0)).decode()
+    fake.on("/v1/embeddings", reply(200, embeddings_answer([raw])))
+    embedder.encoding_format = "base64"
+    assert embedder.get_embedding("x") == [0.5, -1.0, 2.0]
+    assert fake.requests[-1].json["encoding_format"] == "base64"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", [], ["ok", ""], [1]])
+def test_empty_input_is_a_value_error_before_any_request(embedder, fake, bad):
+    with pytest.raises(ValueError):
+        embedder.embed(bad)
+    with pytest.raises(ValueError):
+        embedder.get_embedding(bad if isinstance(bad, str) else "")
+    assert fake.requests == []
+
+
+def test_dimensions_unset_is_probed_once_from_the_server(embedder, fake):
+    fake.on("/v1/embeddings", echo_embedder(dims=5))
+    assert embedder.dimensions == 5 and embedder.dimensions == 5
+    assert len(fake.requests) == 1 and "dimensions" not in fake.requests[0].json
+
+
+def test_dimensions_set_are_sent_and_checked(embedder, fake):
+    embedder.dimensions = 3
+    embedder.get_embedding("abc")
+    assert fake.requests[-1].json["dimensions"] == 3
+    embedder.dimensions = 8
+    with pytest.raises(EmbeddingError, match="3-dimensional vectors but dimensions=8"):
+        embedder.get_embedding("abc")
+
+
+def test_embedder_interface_and_usage(embedder):
+    vector, usage = embedder.get_embedding_and_usage("abcd")
+    assert vector[0] == 4.0 and usage == {"prompt_tokens": 1, "total_tokens": 1}
+    assert asyncio.run(embedder.async_get_embedding("ab"))[0] == 2.0
+    assert asyncio.run(embedder.async_get_embedding_and_usage("ab"))[1]["total_tokens"] == 1
+
+
+def test_embedder_errors_are_embedding_errors_with_status(embedder, fake):
+    fake.on("/v1/embeddings", reply(401, REAL_401))
+    with pytest.raises(EmbeddingError) as caught:
+        embedder.get_embedding("x")
+    assert caught.value.status_code == 401 and caught.value.reason == "authentication"
+    with pytest.raises(ModelProviderError, match="GPUSTACK_API_KEY"):
+        embedder.embed("x")
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_batches_keep_input_order(embedder, fake, use_async):
+    embedder.batch_size = 2
+    texts = ["a" * n for n in range(1, 8)]
+    if use_async:
+        vectors, usages = asyncio.run(embedder.async_get_embeddings_batch_and_usage(texts))
+    else:
+        vectors, usages = embedder.get_embeddings_batch_and_usage(texts)
+    assert [v[0] for v in vectors] == [float(n) for n in range(1, 8)]
+    assert len(usages) == 7 and len(fake.requests) == 4
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_bad_chunk_falls_back_to_one_by_one_and_keeps_the_rest(embedder, fake, use_async):
+    embedder.batch_size = 3
+    texts = ["aa", "poison", "cccc", "d"]
+    if use_async:
+        vectors, _ = asyncio.run(embedder.async_get_embeddings_batch_and_usage(texts))
+    else:
+        vectors, _ = embedder.get_embeddings_batch_and_usage(texts)
+    assert [v[0] if v else None for v in vectors] == [2.0, None, 4.0, 1.0]
+
+
+def test_embeddings_key_absent_from_repr(embedder):
+    assert "sk-test-secret" not in repr(embedder)
+
+
+# Rerank #########################################################################################################
+
+DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "Berlin is the capital of Germany."]
+
+
+@pytest.fixture
+def reranker(fake):
+    return GPUStackRerank(id="bge-reranker-v2-m3", base_url=fake.url, api_key="sk-test-secret-123456")
+
+
+def test_seed_rerank_posts_plain_strings_and_ranks_best_first(reranker, fake):
+    # llama.cpp's shape: no document field, unsorted is possible, logit scores.
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 2, "relevance_score": -0.6}, {"index": 0, "relevance_score": 3.1}]}))
+    results = reranker.rerank(query="capital of France?", documents=DOCS, top_n=2)
+    assert [(r["index"], r["document"]) for r in results] == [(0, DOCS[0]), (2, DOCS[2])]
+    assert fake.requests[-1].json == {"model": "bge-reranker-v2-m3", "query": "capital of France?", "documents": DOCS,
+                                      "top_n": 2, "return_documents": True}
+
+
+@pytest.mark.parametrize("document", [{"text": "X"}, "X", None])
+def test_rerank_document_shapes(reranker, fake, document):
+    result = {"index": 1, "relevance_score": 0.5}
+    if document is not None:
+        result["document"] = document
+    fake.on("/v1/rerank", reply(200, {"results": [result]}))
+    expected = "X" if document else DOCS[1]
+    assert reranker.rerank("q", DOCS)[0]["document"] == expected
+
+
+def test_gpustack_rerank_answer_replayed(reranker, fake):
+    # 112_v1_rerank_ok
+    fake.on("/v1/rerank", reply(200, b'{"id": "rerank-mock", "model": "ghost-routed", "usage": {"total_tokens": 3, "prompt_tokens": 3}, '
+                                     b'"results": [{"index": 0, "document": {"text": "a"}, "relevance_score": 1.0}, '
+                                     b'{"index": 1, "document": {"text": "b"}, "relevance_score": 0.5}]}'))
+    assert [r["document"] for r in reranker.rerank("q", ["a", "b"])] == ["a", "b"]
+
+
+def test_top_n_larger_than_documents_is_clamped(reranker, fake):
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 0, "relevance_score": 1.0}]}))
+    reranker.rerank("q", ["only"], top_n=5)
+    assert fake.requests[-1].json["top_n"] == 1
+
+
+def test_empty_document_list_makes_no_request(reranker, fake):
+    assert reranker.rerank("q", []) == []
+    assert fake.requests == []
+
+
+def test_documents_in_documents_out_with_scores_and_limit(reranker, fake):
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 2, "relevance_score": 0.9}, {"index": 0, "relevance_score": 0.7},
+                                                 {"index": 1, "relevance_score": 0.1}]}))
+    docs = [Document(content=text) for text in DOCS]
+    ranked = reranker.rerank("capital", docs, limit=2)
+    assert [d.content for d in ranked] == [DOCS[2], DOCS[0]] and ranked[0].reranking_score == 0.9
+
+
+def test_failing_rerank_inside_knowledge_keeps_original_order(reranker, fake):
+    fake.on("/v1/rerank", reply(404, REAL_404_MODEL))
+    docs = [Document(content=text) for text in DOCS]
+    assert reranker.rerank("q", docs) == docs
+
+
+def test_failing_seed_rerank_raises(reranker, fake):
+    fake.on("/v1/rerank", reply(404, REAL_404_MODEL))
+    with pytest.raises(ModelProviderError, match="Model not found"):
+        reranker.rerank("q", DOCS)
+
+
+def test_arerank(reranker, fake):
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 1, "relevance_score": 0.9}]}))
+    assert asyncio.run(reranker.arerank("q", DOCS, top_n=1))[0]["document"] == DOCS[1]
+
+
+def test_rerank_key_absent_from_repr_and_dump(reranker):
+    assert "sk-test-secret" not in repr(reranker) + json.dumps(reranker.model_dump())
+
+
+# Errors on every endpoint ####################################################################################
+
+
+@pytest.mark.parametrize("path, call", [
+    ("/v1/embeddings", lambda url: GPUStackEmbeddings(id="e", base_url=url, max_retries=0).embed("x")),
+    ("/v1/rerank", lambda url: GPUStackRerank(id="r", base_url=url, max_retries=0).rerank("q", ["d"])),
+    ("/v1/completions", lambda url: GPUStackChat(id="c", base_url=url, max_retries=0).complete("x")),
+])
+@pytest.mark.parametrize("status, body, words", [
+    (401, REAL_401, "GPUSTACK_API_KEY"),
+    (404, REAL_404_MODEL, "list_models"),
+    (502, b"<html><h1>502</h1>upstream connect error</html>", "upstream connect error"),
+])
+def test_every_endpoint_maps_errors_the_same_way(fake, path, call, status, body, words):
+    fake.on(path, reply(status, body, "text/html" if body.startswith(b"<") else "application/json"))
+    with pytest.raises(ModelProviderError, match=words) as caught:
+        call(fake.url)
+    assert caught.value.status_code == status
+
+
+@pytest.mark.parametrize("path, call", [
+    ("/v1/embeddings", lambda url: GPUStackEmbeddings(id="e", base_url=url, max_retries=0, timeout=0.3).embed("x")),
+    ("/v1/rerank", lambda url: GPUStackRerank(id="r", base_url=url, max_retries=0, timeout=0.3).rerank("q", ["d"])),
+])
+def test_every_endpoint_reports_timeouts(fake, path, call):
+    fake.on(path, lambda h, seen: time.sleep(1))
+    with pytest.raises(ModelProviderError, match=r"timeout=0\.3s"):
+        call(fake.url)
+
+
+# Factory and model discovery ####################################################################################
+
+
+@pytest.mark.parametrize("kind, cls", [("chat", GPUStackChat), ("llm", GPUStackChat), ("embeddings", GPUStackEmbeddings),
+                                       ("embedding", GPUStackEmbeddings), ("rerank", GPUStackRerank), ("reranker", GPUStackRerank)])
+def test_factory_and_aliases(kind, cls):
+    assert type(GPUStack(model_type=kind, id="m")) is cls
+
+
+def test_factory_unknown_type_lists_valid_ones():
+    with pytest.raises(ValueError, match="chat.*embeddings.*rerank"):
+        GPUStack(model_type="vision", id="m")
+
+
+def models_route(h, seen):
+    from urllib.parse import parse_qs, urlsplit
+
+    wanted = parse_qs(urlsplit(seen.path).query).get("categories", [])
+    catalog = {"qwen3": "llm", "owner/bge-m3": "embedding", "bge-reranker-v2-m3": "reranker"}
+    data = [{"id": mid, "object": "model", "owned_by": "gpustack", "meta": None}
+            for mid, cat in catalog.items() if not wanted or cat in wanted]
+    send(h, 200, json.dumps({"data": data, "object": "list"}).encode())
+
+
+def test_list_models_reports_categories(fake):
+    fake.on("/v1/models", models_route)
+    models = {m["id"]: m["categories"] for m in list_models(base_url=fake.url)}
+    assert models == {"qwen3": ["llm"], "owner/bge-m3": ["embedding"], "bge-reranker-v2-m3": ["reranker"]}
+
+
+def test_list_models_filters_with_repeated_parameter(fake):
+    fake.on("/v1/models", models_route)
+    models = list_models(base_url=fake.url, categories=["embedding", "reranker"])
+    assert sorted(m["id"] for m in models) == ["bge-reranker-v2-m3", "owner/bge-m3"]
+    assert fake.requests[0].path == "/v1/models?categories=embedding&categories=reranker"
+
+
+def test_alist_models(fake):
+    fake.on("/v1/models", models_route)
+    assert len(asyncio.run(gpustack.alist_models(base_url=fake.url))) == 3
+
+
+def test_list_models_unknown_category_is_a_value_error():
+    with pytest.raises(ValueError, match="embedding"):
+        list_models(categories=["embeddings"])
