@@ -1319,3 +1319,43 @@ def test_alist_models(fake):
 def test_list_models_unknown_category_is_a_value_error():
     with pytest.raises(ValueError, match="embedding"):
         list_models(categories=["embeddings"])
+
+
+# End to end: an Agno knowledge base built and searched through GPUStack #############################################
+
+WORDS = ["capital", "france", "germany", "banana", "yellow", "fruit"]
+
+
+def word_embedder(h, seen):
+    texts = seen.json["input"]
+    texts = [texts] if isinstance(texts, str) else texts
+    vectors = [[1.0 + sum(w in t.lower() for w in WORDS)] + [float(w in t.lower()) for w in WORDS] for t in texts]
+    send(h, 200, json.dumps(embeddings_answer(vectors)).encode())
+
+
+def overlap_reranker(h, seen):
+    body = seen.json
+    query = set(body["query"].lower().replace("?", "").split())
+    scores = [len(query & set(doc.lower().replace(".", "").split())) for doc in body["documents"]]
+    results = [{"index": i, "relevance_score": float(s)} for i, s in enumerate(scores)]
+    send(h, 200, json.dumps({"results": results[: body.get("top_n") or len(results)]}).encode())
+
+
+def test_knowledge_base_embeds_stores_and_reranks_through_gpustack(fake):
+    pytest.importorskip("qdrant_client")
+    from agno.knowledge.knowledge import Knowledge
+    from agno.vectordb.qdrant import Qdrant
+
+    fake.on("/v1/embeddings", word_embedder)
+    fake.on("/v1/rerank", overlap_reranker)
+    embedder = GPUStackEmbeddings(id="bge-m3", base_url=fake.url)
+    knowledge = Knowledge(vector_db=Qdrant(collection="docs", location=":memory:", embedder=embedder),
+                          reranker=GPUStackRerank(id="bge-reranker-v2-m3", base_url=fake.url))
+    for text in ["Paris is the capital of France.", "Bananas are a yellow fruit.", "Berlin is the capital of Germany."]:
+        knowledge.insert(text_content=text)
+    results = knowledge.search("What is the capital of France?", max_results=1)
+    assert [d.content for d in results] == ["Paris is the capital of France."]
+    assert results[0].reranking_score is not None
+    paths = [r.path for r in fake.requests]
+    assert "/v1/embeddings" in paths and "/v1/rerank" in paths
+    assert embedder.dimensions == 7
