@@ -288,7 +288,9 @@ def _connection_error(exc: BaseException, method: str, url: str, settings: _Sett
         )
     else:
         message = f"Connection to {shown} failed before an answer: {reason!r}."
-    return _provider_error(message, 502, settings)
+    error = _provider_error(message, 502, settings)
+    error.no_answer = True  # type: ignore[attr-defined]  # the command line's exit code tells these apart
+    return error
 
 
 def _should_retry(status: int, message: str, headers: Any) -> bool:
@@ -2027,3 +2029,182 @@ async def alist_models(
 ) -> List[Dict[str, Any]]:
     """``await alist_models()``: list_models() without blocking the event loop."""
     return await _in_thread(list_models, base_url, api_key, categories, timeout, verify)
+
+
+# Command line ################################################################
+
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_SERVER = 3  # GPUStack (or a proxy in front of it) answered with an error
+EXIT_CONNECTION = 4  # no answer at all: refused, DNS, TLS, timeout
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """examples:
+  export GPUSTACK_SERVER_URL=http://gpustack:9009 GPUSTACK_API_KEY=...
+  python gpustack.py models --category llm
+  python gpustack.py chat -m qwen3 "Write a haiku about GPUs"
+  echo "Summarise: ..." | python gpustack.py chat -m qwen3 -
+  python gpustack.py embed -m bge-m3 "first text" "second text"
+  python gpustack.py rerank -m bge-reranker-v2-m3 "capital of France?" "Paris ..." "Berlin ..."
+
+exit codes: 0 ok, 2 usage, 3 server error, 4 no connection, 130 interrupted.
+The API key is read from GPUSTACK_API_KEY or --api-key-file, never from the command line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=argparse.SUPPRESS, help=f"GPUStack URL (default: ${SERVER_URL_ENV} or {DEFAULT_SERVER_URL})")
+    common.add_argument("--api-key-file", default=argparse.SUPPRESS, metavar="FILE", help=f"file holding the API key (default: ${API_KEY_ENV})")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the server (default 600)")
+    common.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS, help="accept any TLS certificate")
+    common.add_argument("--ca-bundle", default=argparse.SUPPRESS, metavar="FILE", help="CA bundle for a private certificate authority")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("-m", "--model", required=True, help="model name on GPUStack")
+
+    parser = argparse.ArgumentParser(
+        prog="gpustack.py", description="Talk to a GPUStack server from the shell.", parents=[common],
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[common, *parents],
+                                   epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    chat = command("chat", "chat with a model, streaming the answer", model)
+    chat.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--no-stream", action="store_true", help="print the answer in one piece")
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--max-tokens", type=int)
+
+    complete = command("complete", "complete a text prompt (/v1/completions)", model)
+    complete.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    complete.add_argument("--no-stream", action="store_true", help="print the answer in one piece")
+    complete.add_argument("--temperature", type=float)
+    complete.add_argument("--max-tokens", type=int)
+
+    embed = command("embed", "embed texts, one JSON vector per line", model)
+    embed.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed, or - to read one per line from stdin")
+    embed.add_argument("--dims", action="store_true", help="print only each vector's dimensions")
+
+    rerank = command("rerank", "rank documents against a query", model)
+    rerank.add_argument("query")
+    rerank.add_argument("documents", nargs="+", metavar="DOC", help="documents, or - to read one per line from stdin")
+    rerank.add_argument("--top-n", type=int)
+
+    models = command("models", "list models with a running instance and their categories")
+    models.add_argument("--category", action="append", choices=MODEL_CATEGORIES, help="only this category (repeatable)")
+    return parser
+
+
+def _stdin_or(values: List[str]) -> List[str]:
+    if values == ["-"]:
+        return [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return values
+
+
+def _client_options(args: argparse.Namespace) -> Dict[str, Any]:
+    options: Dict[str, Any] = {"base_url": getattr(args, "server", None)}
+    key_file = getattr(args, "api_key_file", None)
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as handle:
+                options["api_key"] = handle.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-key-file {key_file}: {exc.strerror}") from None
+    if getattr(args, "timeout", None) is not None:
+        options["timeout"] = args.timeout
+    if getattr(args, "insecure", False):
+        options["verify"] = False
+    elif getattr(args, "ca_bundle", None):
+        options["verify"] = args.ca_bundle
+    return options
+
+
+def _run(args: argparse.Namespace, out: Any) -> None:
+    options = _client_options(args)
+    as_json = getattr(args, "json", False)
+    if args.command == "models":
+        models = list_models(categories=args.category, **{k: v for k, v in options.items() if k != "max_retries"})
+        if as_json:
+            out.write(json.dumps(models) + "\n")
+        for item in [] if as_json else models:
+            out.write(f"{item['id']}\t{','.join(item['categories']) or '-'}\n")
+    elif args.command in ("chat", "complete"):
+        prompt = _stdin_or([args.prompt])
+        text = "\n".join(prompt) if args.prompt == "-" else args.prompt
+        model = GPUStackChat(id=args.model, temperature=args.temperature, max_tokens=args.max_tokens, **options)
+        stream = not args.no_stream and not as_json
+        if args.command == "complete":
+            answer = model.complete(text, stream=stream)
+            if stream:
+                _print_stream(answer, out)  # type: ignore[arg-type]
+            else:
+                out.write(json.dumps({"content": answer}) + "\n" if as_json else f"{answer}\n")
+            return
+        messages = ([Message(role="system", content=args.system)] if args.system else []) + [Message(role="user", content=text)]
+        if stream:
+            _print_stream((piece.content for piece in model.invoke_stream(messages) if piece.content), out)
+            return
+        response = model.invoke(messages)
+        if as_json:
+            usage = response.response_usage
+            out.write(json.dumps({
+                "content": response.content,
+                "reasoning_content": response.reasoning_content,
+                "tool_calls": response.tool_calls or None,
+                "usage": None if usage is None else {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "total_tokens": usage.total_tokens},
+            }) + "\n")
+        else:
+            out.write(f"{response.content or ''}\n")
+    elif args.command == "embed":
+        embedder = GPUStackEmbeddings(id=args.model, **options)
+        vectors = embedder.parse_embeddings_response(embedder.embed(_stdin_or(args.texts)))
+        for vector in vectors:
+            out.write(f"{len(vector)}\n" if args.dims else json.dumps(vector) + "\n")
+    elif args.command == "rerank":
+        reranker = GPUStackRerank(id=args.model, **{k: v for k, v in options.items() if v is not None})
+        results = reranker.rerank(args.query, _stdin_or(args.documents), top_n=args.top_n)
+        if as_json:
+            out.write(json.dumps(results) + "\n")
+        for result in [] if as_json else results:
+            out.write(f"{result['relevance_score']:.4f}\t{result['document']}\n")
+
+
+def _print_stream(pieces: Iterator[str], out: Any) -> None:
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # on Ctrl-C too: the connection closes and GPUStack stops generating
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: ``python gpustack.py chat -m qwen3 "Hello"``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    import logging
+
+    logging.getLogger("agno").setLevel(logging.ERROR)  # one line on stderr: ours, not each retry's warning
+    try:
+        _run(args, sys.stdout)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    except ModelProviderError as error:
+        sys.stderr.write(f"gpustack: error: {error.message}\n")
+        return EXIT_CONNECTION if getattr(error, "no_answer", False) else EXIT_SERVER
+    except (ValueError, TypeError) as error:
+        sys.stderr.write(f"gpustack: usage error: {error}\n")
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0  # the reader of our output went away (e.g. `| head`)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
