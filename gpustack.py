@@ -90,6 +90,7 @@ ERROR_BODY_BYTES = 64 * 1024  # of an error body, what is read at all
 READ_BLOCK_BYTES = 64 * 1024
 MAX_SSE_LINE_BYTES = 8 * 1024 * 1024  # one line of an event stream
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event, all its data lines together
+MAX_SSE_BYTES_WITHOUT_DATA = 1024 * 1024  # comments and empty events in a row: a stream that says nothing
 DRAIN_AFTER_DONE_BYTES = 64 * 1024  # read past [DONE] to reuse the connection, no further
 
 POOL_MAX_IDLE_PER_HOST = 256
@@ -847,10 +848,11 @@ class _SSEDecoder:
     Tolerated gateway bugs: a bare ``{...}`` line is an event of its own.
     """
 
-    __slots__ = ("_partial", "_after_cr", "_data", "_size", "_event", "last_event_id", "retry")
+    __slots__ = ("_partial", "_after_cr", "_data", "_size", "_event", "_silent", "last_event_id", "retry")
 
     def __init__(self) -> None:
         self._partial = b""
+        self._silent = 0
         self._after_cr = False
         self._data: List[str] = []
         self._size = 0
@@ -872,11 +874,14 @@ class _SSEDecoder:
                 raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
         elif lines and lines[-1].endswith(b"\r"):
             self._after_cr = True
+        self._silent += len(block)
         events: List[Tuple[str, str]] = []
         for raw in lines:
             event = self._line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
             if event is not None:
                 events.append(event)
+        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:
+            raise _SSETooLarge(f"more than {MAX_SSE_BYTES_WITHOUT_DATA} bytes of comments and empty events without any data")
         return events
 
     def close(self) -> List[Tuple[str, str]]:
@@ -895,11 +900,13 @@ class _SSEDecoder:
         if line[0] == ":":
             return None
         if line[0] == "{" and not self._data:
+            self._silent = 0
             return (self._event, line)
         name, _, value = line.partition(":")
         if value[:1] == " ":
             value = value[1:]
         if name == "data":
+            self._silent = 0
             self._size += len(value)
             if self._size > MAX_SSE_EVENT_BYTES:
                 raise _SSETooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES} bytes")
