@@ -112,6 +112,8 @@ class Fake:
 
             def setup(self) -> None:
                 super().setup()
+                # Like uvicorn: without it, headers and body in two writes wait on the client's delayed ACK.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 fake.connections += 1
 
             def log_message(self, *args: Any) -> None:
@@ -136,6 +138,7 @@ class Fake:
 
             do_POST = do_GET = _handle
 
+        ThreadingHTTPServer.request_queue_size = 1024  # the load tests connect hundreds at once
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -1458,3 +1461,155 @@ def test_cli_ctrl_c_while_streaming_exits_130_and_closes_connection(fake):
         proc.stdout.close()
         proc.stderr.close()
     assert fake.client_gone.wait(5)
+
+
+# Hardening: hostile streams, misbehaving servers, resources, load ##################################################
+
+import random  # noqa: E402
+
+VALID_STREAM = b"".join(b"data: " + json.dumps(chunk(t)).encode() + b"\n\n" for t in ["He", "llo", " wor", "ld"]) + \
+    b": ping\n\n" + b"data: " + json.dumps(chunk("!", "stop")).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_sse_one_byte_at_a_time_gives_same_events(newline):
+    body = VALID_STREAM.replace(b"\n", newline)
+    whole = gpustack._SSEDecoder().feed(body)
+    decoder = gpustack._SSEDecoder()
+    pieces = [event for i in range(len(body)) for event in decoder.feed(body[i:i + 1])] + decoder.close()
+    assert pieces == whole and len(whole) == 6
+
+
+def test_sse_random_cuts_give_same_events():
+    rng = random.Random(7)
+    whole = gpustack._SSEDecoder().feed(VALID_STREAM)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(VALID_STREAM)), rng.randint(1, 20)))
+        decoder = gpustack._SSEDecoder()
+        events = []
+        for start, end in zip([0] + cuts, cuts + [len(VALID_STREAM)]):
+            events += decoder.feed(VALID_STREAM[start:end])
+        assert events + decoder.close() == whole
+
+
+def test_sse_stream_cut_at_random_points_over_the_network(model, fake):
+    rng = random.Random(3)
+    cuts = sorted(rng.sample(range(1, len(VALID_STREAM)), 30))
+    fake.on("/v1/chat/completions", stream(*[VALID_STREAM[a:b] for a, b in zip([0] + cuts, cuts + [len(VALID_STREAM)])]))
+    assert text_of(model.invoke_stream(user())) == "Hello world!"
+
+
+@pytest.mark.parametrize("hostile", [
+    b"data: \xff\xfe{\"bad utf8\n\n",
+    b"data: " + b"x" * (10 * 1024 * 1024),
+    b"data: \x00\x00\x00\n\n",
+    b": ping\n\n" * 200_000,
+    b"data: [1, 2]\n\n",
+    b"data: \"just a string\"\n\n",
+])
+def test_hostile_stream_ends_in_provider_error(model, fake, hostile):
+    fake.on("/v1/chat/completions", stream(hostile))
+    with pytest.raises(ModelProviderError):
+        list(model.invoke_stream(user()))
+
+
+def test_random_bytes_end_in_provider_error_or_clean_result(model, fake):
+    rng = random.Random(11)
+    for _ in range(25):
+        noise = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000)))
+        fake.on("/v1/chat/completions", stream(noise, b"\n\n" + noise[:50]))
+        try:
+            list(model.invoke_stream(user()))
+        except ModelProviderError:
+            pass
+
+
+def test_server_that_accepts_and_never_answers_times_out_on_time():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        model = GPUStackChat(id="m", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(ModelProviderError, match=r"timeout=0\.5s"):
+            model.invoke(user())
+        assert 0.45 < time.monotonic() - started < 2
+    finally:
+        listener.close()
+
+
+def test_connection_reset_mid_body_is_a_provider_error(model, fake):
+    def reset(h, seen):
+        import struct
+
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        h.wfile.write(REAL_CHAT[:40])
+        h.wfile.flush()
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.connection.close()
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", reset)
+    model.max_retries = 0
+    with pytest.raises(ModelProviderError, match="incomplete|broke|Connection"):
+        model.invoke(user())
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count sockets")
+def test_1000_calls_leave_no_sockets_or_threads_behind(model, fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "WORKER_IDLE_SECONDS", 0.2)
+    gpustack.close_connections()
+    time.sleep(0.2)
+    sockets_before, threads_before = open_sockets(), threading.active_count()
+
+    for _ in range(300):
+        model.invoke(user())
+
+    async def many():
+        for _ in range(10):
+            await asyncio.gather(*[model.ainvoke(user()) for _ in range(30)])
+
+    asyncio.run(many())
+    fake.on("/v1/chat/completions", _endless)
+    for _ in range(200):
+        for piece in model.invoke_stream(user()):
+            break
+
+    async def broken_async():
+        for _ in range(200):
+            async for piece in model.ainvoke_stream(user()):
+                break
+
+    asyncio.run(broken_async())
+    gpustack.close_connections()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (open_sockets() > sockets_before or threading.active_count() > threads_before):
+        time.sleep(0.1)
+    assert open_sockets() <= sockets_before
+    assert threading.active_count() <= threads_before
+
+
+def test_500_concurrent_async_streams_arrive_whole_and_in_order(model, fake):
+    words = [f"w{i} " for i in range(20)]
+    fake.on("/v1/chat/completions", stream(*[chunk(w) for w in words], chunk("", "stop"), b"data: [DONE]\n\n"))
+
+    async def one():
+        return "".join([p.content or "" async for p in model.ainvoke_stream(user())])
+
+    async def go():
+        return await asyncio.gather(*[one() for _ in range(500)])
+
+    assert asyncio.run(go()) == ["".join(words)] * 500
