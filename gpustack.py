@@ -306,6 +306,12 @@ def _should_retry(status: int, message: str, headers: Any) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
+def _should_retry_connection(exc: BaseException) -> bool:
+    """Whether a call that got no answer can succeed on a second try: not when the certificate is wrong."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return not isinstance(reason, ssl.SSLCertVerificationError)
+
+
 def _retry_after(headers: Any) -> Optional[float]:
     """Seconds the server asked us to wait: ``retry-after-ms``, then seconds, then an HTTP date."""
     if headers is None:
@@ -684,7 +690,7 @@ class _Transport:
                 reply = opener.open(request, timeout=settings.timeout)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 error = _connection_error(exc, method, url, settings)
-                delay = _retry_delay(attempt)
+                delay = _retry_delay(attempt) if _should_retry_connection(exc) else None
             else:
                 if 200 <= reply.status < 300:
                     return reply
@@ -1054,8 +1060,9 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T
 
     def produce() -> None:
         _GUARD.set(guard)
-        iterator = make()
+        iterator: Optional[Iterator[T]] = None
         try:
+            iterator = make()
             for item in iterator:
                 hand_over(item)
             hand_over(_END)
@@ -1275,11 +1282,11 @@ class GPUStackChat(Model):
     def to_dict(self) -> Dict[str, Any]:
         """The model's settings without secrets: ``model.to_dict()``."""
         data = super().to_dict()
+        data["base_url"] = _redact_url(self.base_url or "")
         data.update(
             {
                 name: getattr(self, name)
                 for name in (
-                    "base_url",
                     "timeout",
                     "max_retries",
                     "temperature",
@@ -1404,6 +1411,7 @@ class GPUStackChat(Model):
         tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
         run_response: Any = None,
         compress_tool_results: bool = False,
+        **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> ModelResponse:
         """One chat completion: ``model.invoke([Message(role="user", content="Hi")]).content``."""
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
@@ -1423,6 +1431,7 @@ class GPUStackChat(Model):
         tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
         run_response: Any = None,
         compress_tool_results: bool = False,
+        **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> ModelResponse:
         """``await model.ainvoke(messages)``: invoke() without blocking the event loop."""
         return await _in_thread(
@@ -1438,6 +1447,7 @@ class GPUStackChat(Model):
         tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
         run_response: Any = None,
         compress_tool_results: bool = False,
+        **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> Iterator[ModelResponse]:
         """Stream a chat completion: ``for piece in model.invoke_stream(messages): print(piece.content or "", end="")``."""
         body = self._body(messages, True, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
@@ -1470,6 +1480,7 @@ class GPUStackChat(Model):
         tool_choice: Optional[Union[str, Dict[str, Any]]] = None,
         run_response: Any = None,
         compress_tool_results: bool = False,
+        **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> AsyncIterator[ModelResponse]:
         """``async for piece in model.ainvoke_stream(messages): ...``, pieces as they arrive."""
         args = (messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results)

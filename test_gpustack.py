@@ -1613,3 +1613,12 @@ def test_500_concurrent_async_streams_arrive_whole_and_in_order(model, fake):
         return await asyncio.gather(*[one() for _ in range(500)])
 
     assert asyncio.run(go()) == ["".join(words)] * 500
+
+
+def test_url_credentials_absent_from_to_dict(fake):
+    model = GPUStackChat(id="m", base_url=fake.url.replace("http://", "http://user:pw-secret@"))
+    assert "pw-secret" not in json.dumps(model.to_dict())
+
+
+def test_invoke_tolerates_agno_retry_keywords(model):
+    assert model.invoke(messages=user(), assistant_message=Message(role="assistant"), retry_with_guidance=True).content == "Hello"
