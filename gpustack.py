@@ -1484,8 +1484,12 @@ class GPUStackChat(Model):
     ) -> AsyncIterator[ModelResponse]:
         """``async for piece in model.ainvoke_stream(messages): ...``, pieces as they arrive."""
         args = (messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results)
-        async for piece in _iterate_in_thread(lambda: self.invoke_stream(*args)):
-            yield piece
+        pieces = _iterate_in_thread(lambda: self.invoke_stream(*args))
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()  # now, not whenever the garbage collector gets to it
 
     # -- parsing -----------------------------------------------------------------
 
