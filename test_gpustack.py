@@ -484,7 +484,6 @@ def test_stream_pieces_arrive_before_the_stream_ends(model, fake):
     release = threading.Event()
 
     def slow(h, seen):
-        stream(chunk("first"))(h, seen) if False else None
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Transfer-Encoding", "chunked")
@@ -871,7 +870,7 @@ def tool_turns(stream_mode: bool):
                           chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
                 return stream(*pieces)(h, seen)
             call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
-            return send(h, 200, json.dumps(chat_answer(None, tool_calls=call and [call])).encode())
+            return send(h, 200, json.dumps(chat_answer(None, tool_calls=[call])).encode())
         answer = "It is " + tool_results[0]["content"]
         if stream_mode:
             return stream(chunk(answer[:6]), chunk(answer[6:], "stop"), b"data: [DONE]\n\n")(h, seen)
