@@ -474,6 +474,14 @@ class _Reply:
                 return
             yield block
 
+    def drain(self) -> bool:
+        """Read what follows ``[DONE]`` (normally just the end of the body) so the connection can be reused."""
+        try:
+            rest = self._resp.read(DRAIN_AFTER_DONE_BYTES)
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        return len(rest) < DRAIN_AFTER_DONE_BYTES and self._resp.isclosed()
+
     def finish(self) -> None:
         """Give the connection back if the body was read to its end; otherwise close it."""
         conn, self._conn = self._conn, None
@@ -713,17 +721,28 @@ class _Transport:
             else:
                 time.sleep(delay)
 
-    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
-        """A whole JSON request and answer."""
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, expect: str = "") -> Dict[str, Any]:
+        """A whole JSON request and answer: an object whose ``expect`` field is a list.
+
+        An error object inside a 200 (some gateways send one) raises like any other error.
+        """
         reply = self.open(method, path, body)
         url = self.url(path)
         try:
             raw = reply.read()
         except (OSError, http.client.HTTPException) as exc:
             reply.close()
-            raise self._lost(exc, url) from None
+            raise self._lost(exc, method, url) from None
         reply.finish()
-        return self._decode(raw, reply, url)
+        answer = self._decode(raw, reply, url)
+        _raise_if_error_event(answer, "", self.settings)
+        if expect and not isinstance(answer.get(expect), list):
+            raise self.malformed(f"no {expect!r} list", answer)
+        return answer
+
+    def malformed(self, problem: str, answer: Any) -> ModelProviderError:
+        """An error for a 2xx answer that is not what the endpoint promises."""
+        return _provider_error(f"GPUStack's answer has {problem}: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self.settings)
 
     def _decode(self, raw: bytes, reply: _Reply, url: str) -> Any:
         content_type = reply.headers.get("Content-Type", "")
@@ -741,9 +760,9 @@ class _Transport:
                 self.settings,
             ) from None
 
-    def _lost(self, exc: BaseException, url: str) -> ModelProviderError:
+    def _lost(self, exc: BaseException, method: str, url: str) -> ModelProviderError:
         if isinstance(exc, (socket.timeout, TimeoutError)):
-            return _connection_error(exc, "POST", url, self.settings)
+            return _connection_error(exc, method, url, self.settings)
         return _provider_error(
             f"Connection to {_redact_url(url)} broke while reading the answer ({exc!r}); the answer is incomplete.",
             502,
@@ -781,7 +800,7 @@ class _Transport:
             decoder = _SSEDecoder()
             for event_type, data in self._events(reply, decoder, url):
                 if data == "[DONE]":
-                    clean = self._drain(reply)
+                    clean = reply.drain()
                     return
                 try:
                     chunk = json.loads(data)
@@ -814,7 +833,7 @@ class _Transport:
             for block in reply.blocks():
                 yield from decoder.feed(block)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise self._lost(exc, url) from None
+            raise self._lost(exc, "POST", url) from None
         except _SSETooLarge as exc:
             raise _provider_error(f"GPUStack's event stream is malformed: {exc}", 502, self.settings) from None
         yield from decoder.close()
@@ -823,22 +842,13 @@ class _Transport:
         try:
             return reply.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise self._lost(exc, url) from None
-
-    @staticmethod
-    def _drain(reply: _Reply) -> bool:
-        """Read what follows ``[DONE]`` (normally just the end of the body) so the connection can be reused."""
-        try:
-            rest = reply.read(DRAIN_AFTER_DONE_BYTES)
-        except (OSError, http.client.HTTPException, ValueError):
-            return False
-        return len(rest) < DRAIN_AFTER_DONE_BYTES and reply._resp.isclosed()
+            raise self._lost(exc, "POST", url) from None
 
 
 def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> None:
     """Raise for an error reported inside a stream: a top-level ``error`` or an ``event: error``."""
     if not isinstance(chunk, dict):
-        raise _provider_error(f"GPUStack sent a stream event that is not a JSON object: {chunk!r:.200}", 502, settings)
+        raise _provider_error(f"GPUStack sent JSON that is not an object: {chunk!r:.200}", 502, settings)
     if "error" in chunk and chunk["error"] or event_type == "error":
         raw = json.dumps(chunk).encode()
         words, code = _error_text(raw)
@@ -970,7 +980,7 @@ class _ElasticExecutor(concurrent.futures.Executor):
     """
 
     def __init__(self) -> None:
-        self._queue: "collections.deque[Tuple[concurrent.futures.Future, Callable, tuple]]" = collections.deque()
+        self._queue: "collections.deque[Tuple[concurrent.futures.Future, Callable[[], Any]]]" = collections.deque()
         self._lock = threading.Condition(threading.Lock())
         self._idle = 0
         self.threads = 0
@@ -979,7 +989,7 @@ class _ElasticExecutor(concurrent.futures.Executor):
         future: concurrent.futures.Future = concurrent.futures.Future()
         call = (lambda: fn(*args, **kwargs)) if kwargs else (lambda: fn(*args))
         with self._lock:
-            self._queue.append((future, call, ()))
+            self._queue.append((future, call))
             if self._idle >= len(self._queue):
                 self._lock.notify()
                 return future
@@ -997,7 +1007,7 @@ class _ElasticExecutor(concurrent.futures.Executor):
                     if not self._queue:
                         self.threads -= 1
                         return
-                future, call, _ = self._queue.popleft()
+                future, call = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -1417,7 +1427,7 @@ class GPUStackChat(Model):
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
-        answer = self._transport().call("POST", "chat/completions", body)
+        answer = self._transport().call("POST", "chat/completions", body, expect="choices")
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
         return self._parse_provider_response(answer, response_format=response_format)
@@ -1495,11 +1505,11 @@ class GPUStackChat(Model):
 
     def _parse_provider_response(self, response: Dict[str, Any], **kwargs: Any) -> ModelResponse:
         """A whole chat completion as an Agno ModelResponse."""
-        settings = self._transport().settings
-        _raise_if_error_event(response, "", settings)
-        choices = response.get("choices")
+        choices = response.get("choices") if isinstance(response, dict) else None
         if not choices or not isinstance(choices[0], dict):
-            raise _provider_error(f"GPUStack's answer has no choices: {json.dumps(response)[:ERROR_SNIPPET_CHARS]}", 502, settings)
+            transport = self._transport()
+            _raise_if_error_event(response, "", transport.settings)
+            raise transport.malformed("no choices", response)
         choice = choices[0]
         message = choice.get("message") or choice.get("delta") or {}
         result = ModelResponse(role=message.get("role") or "assistant")
@@ -1596,11 +1606,11 @@ class GPUStackChat(Model):
         if stream:
             body["stream"] = True
             return self._complete_stream(body)
-        answer = self._transport().call("POST", "completions", body)
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not choices:
-            raise _provider_error(f"GPUStack's completion has no choices: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
-        return choices[0].get("text") or ""
+        transport = self._transport()
+        answer = transport.call("POST", "completions", body, expect="choices")
+        if not answer["choices"] or not isinstance(answer["choices"][0], dict):
+            raise transport.malformed("no choices", answer)
+        return answer["choices"][0].get("text") or ""
 
     def _completion_params(self) -> Dict[str, Any]:
         params = self.get_request_params()
@@ -1729,18 +1739,17 @@ class GPUStackEmbeddings(Embedder):
     def embed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
         """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``."""
         texts = _check_texts(input)
-        answer = self._transport().call("POST", "embeddings", self._body(texts))
+        transport = self._transport()
+        answer = transport.call("POST", "embeddings", self._body(texts), expect="data")
         vectors = self.parse_embeddings_response(answer)
         if len(vectors) != len(texts):
-            raise _provider_error(
-                f"GPUStack returned {len(vectors)} embeddings for {len(texts)} texts", 502, self._transport().settings
-            )
+            raise transport.malformed(f"{len(vectors)} embeddings for {len(texts)} texts", answer)
         if self._dimensions is not None and not self._learned and vectors and len(vectors[0]) != self._dimensions:
             raise _provider_error(
                 f"GPUStack returned {len(vectors[0])}-dimensional vectors but dimensions={self._dimensions}; "
                 "the model may not support shortened embeddings: leave dimensions unset to use its own size",
                 502,
-                self._transport().settings,
+                transport.settings,
             )
         return answer
 
@@ -1753,7 +1762,7 @@ class GPUStackEmbeddings(Embedder):
         """The vectors of an embeddings answer, in input order (servers may answer out of order)."""
         data = result.get("data") if isinstance(result, dict) else None
         if not isinstance(data, list):
-            raise _provider_error(f"GPUStack's embeddings answer has no data list: {str(result)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
+            raise self._transport().malformed("no 'data' list", result)
         items = sorted(data, key=lambda item: item.get("index", 0))
         return [_vector(item.get("embedding")) for item in items]
 
@@ -1810,9 +1819,7 @@ class GPUStackEmbeddings(Embedder):
         try:
             return self._batch(texts)
         except EmbeddingError as error:
-            from agno.utils.log import log_warning
-
-            log_warning(f"GPUStack batch of {len(texts)} texts failed ({error}); embedding them one by one")
+            _warn_batch_failed(texts, error)
             return _each(self, texts)
 
     async def async_get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
@@ -1825,15 +1832,19 @@ class GPUStackEmbeddings(Embedder):
                 try:
                     return await _in_thread(self._batch, batch)
                 except EmbeddingError as error:
-                    from agno.utils.log import log_warning
-
-                    log_warning(f"GPUStack batch of {len(batch)} texts failed ({error}); embedding them one by one")
+                    _warn_batch_failed(batch, error)
                     return await aembed_texts_individually(self, batch)
 
         return _joined(await asyncio.gather(*(one(batch) for batch in batches)))
 
 
 GPUStackEmbeddings.dimensions = property(GPUStackEmbeddings._get_dimensions, GPUStackEmbeddings._set_dimensions)  # type: ignore[assignment]
+
+
+def _warn_batch_failed(texts: List[str], error: EmbeddingError) -> None:
+    from agno.utils.log import log_warning
+
+    log_warning(f"GPUStack batch of {len(texts)} texts failed ({error}); embedding them one by one")
 
 
 def _each(embedder: GPUStackEmbeddings, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
@@ -1944,15 +1955,13 @@ class GPUStackRerank(Reranker):
                 raise ValueError(f"top_n must be a positive whole number, got {top_n!r}")
             body["top_n"] = min(top_n, len(texts))
         body.update(self.request_params or {})
-        answer = self._transport().call("POST", "rerank", body)
-        results = answer.get("results") if isinstance(answer, dict) else None
-        if not isinstance(results, list):
-            raise _provider_error(f"GPUStack's rerank answer has no results list: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self._transport().settings)
+        transport = self._transport()
+        answer = transport.call("POST", "rerank", body, expect="results")
         ranked = []
-        for result in results:
-            index = result.get("index")
+        for result in answer["results"]:
+            index = result.get("index") if isinstance(result, dict) else None
             if not isinstance(index, int) or not 0 <= index < len(texts):
-                raise _provider_error(f"GPUStack's rerank result points at document {index!r} of {len(texts)}", 502, self._transport().settings)
+                raise transport.malformed(f"a result for document {index!r} of {len(texts)}", answer)
             score = result.get("relevance_score", result.get("score"))
             ranked.append({"index": index, "relevance_score": float(score), "document": _result_text(result, texts)})
         ranked.sort(key=lambda item: item["relevance_score"], reverse=True)
@@ -2050,11 +2059,8 @@ def list_models(
 
     def ids(query: Sequence[str]) -> List[Dict[str, Any]]:
         path = "models" + ("?" + urllib.parse.urlencode([("categories", c) for c in query]) if query else "")
-        answer = transport.call("GET", path)
-        data = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(data, list):
-            raise _provider_error(f"GPUStack's model list has no data: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, transport.settings)
-        return [item for item in data if isinstance(item, dict) and "id" in item]
+        answer = transport.call("GET", path, expect="data")
+        return [item for item in answer["data"] if isinstance(item, dict) and "id" in item]
 
     models = ids(list(categories or ()))
     found: Dict[str, List[str]] = {model["id"]: [] for model in models}
