@@ -1621,3 +1621,103 @@ def test_url_credentials_absent_from_to_dict(fake):
 
 def test_invoke_tolerates_agno_retry_keywords(model):
     assert model.invoke(messages=user(), assistant_message=Message(role="assistant"), retry_with_guidance=True).content == "Hello"
+
+
+# Promises checked once more ########################################################################################
+
+
+def test_x_should_retry_false_stops_retries(model, fake):
+    fake.on("/v1/chat/completions", reply(500, {"error": {"message": "fatal"}}, headers={"x-should-retry": "false"}))
+    with pytest.raises(ModelProviderError, match="fatal"):
+        model.invoke(user())
+    assert len(fake.requests) == 1
+
+
+def test_retry_after_ms_is_understood():
+    assert gpustack._retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+
+
+def test_certificate_failure_is_not_retried(tls_fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "INITIAL_RETRY_DELAY", 2.0)
+    started = time.monotonic()
+    with pytest.raises(ModelProviderError, match="certificate"):
+        GPUStackChat(id="m", base_url=tls_fake.url, max_retries=2).invoke(user())
+    assert time.monotonic() - started < 1.5
+
+
+def test_error_object_inside_a_200_answer_raises_its_message(model, fake):
+    fake.on("/v1/chat/completions", reply(200, {"error": {"message": "backend gone", "code": 503}}))
+    with pytest.raises(ModelProviderError, match="backend gone"):
+        model.invoke(user())
+
+
+@pytest.mark.parametrize("answer", [{"choices": []}, {"id": "x"}, [1, 2]])
+def test_answer_without_choices_is_a_clear_error(model, fake, answer):
+    fake.on("/v1/chat/completions", reply(200, answer))
+    with pytest.raises(ModelProviderError, match="choices|not an object"):
+        model.invoke(user())
+
+
+def test_async_stream_pieces_arrive_while_the_loop_stays_free(model, fake):
+    release = threading.Event()
+
+    def slow(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        raw = b"data: " + json.dumps(chunk("first")).encode() + b"\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+        h.wfile.flush()
+        release.wait(5)
+        raw = b"data: " + json.dumps(chunk("!", "stop")).encode() + b"\n\ndata: [DONE]\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))
+
+    fake.on("/v1/chat/completions", slow)
+
+    async def go():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        beat = asyncio.create_task(ticker())
+        pieces = model.ainvoke_stream(user())
+        first = None
+        async for piece in pieces:
+            if piece.content:
+                first = piece.content
+                break
+        assert first == "first" and not release.is_set()
+        before = ticks
+        await asyncio.sleep(0.1)
+        assert ticks > before  # the loop ran while the stream was open
+        release.set()
+        rest = "".join([p.content or "" async for p in pieces])
+        beat.cancel()
+        return rest
+
+    assert asyncio.run(go()) == "!"
+
+
+def test_embedding_batches_run_concurrently_up_to_the_limit(embedder, fake):
+    inflight, peak = [0], [0]
+    lock = threading.Lock()
+    respond = echo_embedder()
+
+    def counted(h, seen):
+        with lock:
+            inflight[0] += 1
+            peak[0] = max(peak[0], inflight[0])
+        time.sleep(0.1)
+        with lock:
+            inflight[0] -= 1
+        respond(h, seen)
+
+    fake.on("/v1/embeddings", counted)
+    embedder.batch_size, embedder.batch_concurrency = 1, 3
+    asyncio.run(embedder.async_get_embeddings_batch_and_usage([f"t{i}" for i in range(9)]))
+    assert peak[0] == 3
