@@ -480,10 +480,10 @@ def test_stream_request_answered_with_json_body(model, fake):
     assert text_of(model.invoke_stream(user())) == "Hello"
 
 
-def test_stream_pieces_arrive_before_the_stream_ends(model, fake):
-    release = threading.Event()
+def first_then_wait(release: threading.Event):
+    """A stream that sends "first", then holds until ``release`` is set, then "!" and the end."""
 
-    def slow(h, seen):
+    def respond(h, seen):
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Transfer-Encoding", "chunked")
@@ -495,7 +495,13 @@ def test_stream_pieces_arrive_before_the_stream_ends(model, fake):
         raw = b"data: " + json.dumps(chunk("!", "stop")).encode() + b"\n\ndata: [DONE]\n\n"
         h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))
 
-    fake.on("/v1/chat/completions", slow)
+    return respond
+
+
+def test_stream_pieces_arrive_before_the_stream_ends(model, fake):
+    release = threading.Event()
+
+    fake.on("/v1/chat/completions", first_then_wait(release))
     pieces = model.invoke_stream(user())
     first = next(p for p in pieces if p.content)
     assert first.content == "first" and not release.is_set()
@@ -1661,19 +1667,7 @@ def test_answer_without_choices_is_a_clear_error(model, fake, answer):
 def test_async_stream_pieces_arrive_while_the_loop_stays_free(model, fake):
     release = threading.Event()
 
-    def slow(h, seen):
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
-        h.send_header("Transfer-Encoding", "chunked")
-        h.end_headers()
-        raw = b"data: " + json.dumps(chunk("first")).encode() + b"\n\n"
-        h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
-        h.wfile.flush()
-        release.wait(5)
-        raw = b"data: " + json.dumps(chunk("!", "stop")).encode() + b"\n\ndata: [DONE]\n\n"
-        h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))
-
-    fake.on("/v1/chat/completions", slow)
+    fake.on("/v1/chat/completions", first_then_wait(release))
 
     async def go():
         ticks = 0
