@@ -17,13 +17,16 @@ import base64
 import collections
 import concurrent.futures
 import contextvars
+import dataclasses
 import email.utils
 import http.client
 import json
+import math
 import os
 import random
 import re
 import select
+import selectors
 import socket
 import ssl
 import struct
@@ -79,7 +82,8 @@ DEFAULT_SERVER_URL = "http://localhost:9009"
 SERVER_URL_ENV = "GPUSTACK_SERVER_URL"
 API_KEY_ENV = "GPUSTACK_API_KEY"
 
-DEFAULT_TIMEOUT = 600.0  # seconds, per connect and per wait for data, as in the OpenAI SDK
+DEFAULT_TIMEOUT = 600.0  # seconds to wait for data, as in the OpenAI SDK
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to open a connection (TCP, proxy tunnel, TLS), as in the OpenAI SDK
 DEFAULT_MAX_RETRIES = 2
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
@@ -96,6 +100,8 @@ DRAIN_AFTER_DONE_BYTES = 64 * 1024  # read past [DONE] to reuse the connection, 
 POOL_MAX_IDLE_PER_HOST = 256
 POOL_MAX_IDLE_SECONDS = 30.0
 WORKER_IDLE_SECONDS = 2.0  # an async worker thread with nothing to do for this long exits
+MAX_WORKERS_ENV = "GPUSTACK_MAX_WORKERS"
+DEFAULT_MAX_WORKERS = 1000  # async calls in flight at once; the OpenAI SDK's default connection limit
 ASYNC_STREAM_BACKLOG = 1024  # pieces a stream reader may run ahead of its async consumer
 
 USER_AGENT = f"agno-gpustack/{__version__} (+python-urllib)"
@@ -112,6 +118,11 @@ def _server_root(base_url: Optional[str]) -> str:
         raise ValueError(
             f"GPUStack server URL must look like http://host:port or https://host, got {_redact_url(url)!r}; "
             f"set base_url=... or {SERVER_URL_ENV}"
+        )
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"GPUStack server URL must not carry user:password@ ({_redact_url(url)!r}); "
+            f"pass the key as api_key=... or {API_KEY_ENV}"
         )
     path = parts.path.rstrip("/")
     for suffix in ("/v1-openai", "/v1"):
@@ -135,16 +146,38 @@ def _redact(text: str, secret: Optional[str]) -> str:
 
 @dataclass(frozen=True)
 class _Settings:
-    """Where and how to reach GPUStack; shared by every endpoint."""
+    """Where and how to reach GPUStack; validated once, shared by every endpoint of a model."""
 
     root: str
     api_key: Optional[str] = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_retries: int = DEFAULT_MAX_RETRIES
     verify: Union[bool, str] = True
-    headers: Optional[Tuple[Tuple[str, str], ...]] = None
+    headers: Optional[Tuple[Tuple[str, str], ...]] = field(default=None, repr=False)
     model_name: Optional[str] = None
     model_id: Optional[str] = None
+
+
+def _seconds(name: str, value: Any, default: float) -> float:
+    """A timeout as a positive, finite number of seconds, or a ValueError that names the setting."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _checked_verify(verify: Any) -> Union[bool, str]:
+    if verify is None:
+        return True
+    if isinstance(verify, bool):
+        return verify
+    if isinstance(verify, str) and os.path.exists(verify):
+        return verify
+    if isinstance(verify, str):
+        raise ValueError(f"verify={verify!r}: no such CA bundle file or directory")
+    raise ValueError(f"verify must be True, False or a CA bundle path, got {type(verify).__name__}")
 
 
 def _settings(
@@ -156,21 +189,41 @@ def _settings(
     headers: Optional[Dict[str, str]],
     model_name: Optional[str] = None,
     model_id: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
 ) -> _Settings:
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
+    """Validate a model's client settings, once: every bad value is a ValueError before any request."""
+    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0):
         raise ValueError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+    if headers is not None and not isinstance(headers, dict):
+        raise ValueError(f"headers must be a dict of header names to values, got {type(headers).__name__}")
     return _Settings(
         root=_server_root(base_url),
-        api_key=api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None),
-        timeout=float(timeout) if timeout is not None else DEFAULT_TIMEOUT,
+        api_key=(api_key if api_key is not None else os.getenv(API_KEY_ENV)) or None,
+        timeout=_seconds("timeout", timeout, DEFAULT_TIMEOUT),
+        connect_timeout=_seconds("connect_timeout", connect_timeout, DEFAULT_CONNECT_TIMEOUT),
         max_retries=max_retries if max_retries is not None else DEFAULT_MAX_RETRIES,
-        verify=True if verify is None else verify,
+        verify=_checked_verify(verify),
         headers=tuple((str(k), str(v)) for k, v in headers.items()) if headers else None,
         model_name=model_name,
         model_id=model_id,
     )
+
+
+def _client_of(owner: Any, model_name: str) -> "_Transport":
+    """A model's transport, validated and built once; built again only if a client setting was changed since."""
+    headers = owner.headers
+    key = (
+        owner.base_url, owner.api_key, owner.timeout, owner.connect_timeout, owner.max_retries, owner.verify,
+        tuple(headers.items()) if headers else None, owner.id,
+    )
+    cached = owner._client_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    settings = _settings(owner.base_url, owner.api_key or "", owner.timeout, owner.max_retries, owner.verify, headers,
+                         model_name=model_name, model_id=owner.id, connect_timeout=owner.connect_timeout)
+    transport = _Transport(settings)
+    owner._client_cache = (key, transport)
+    return transport
 
 
 def _error_text(body: bytes, content_type: str = "") -> Tuple[str, Optional[str]]:
@@ -270,7 +323,13 @@ def _connection_error(exc: BaseException, method: str, url: str, settings: _Sett
     """An error for a call that got no HTTP answer (status 502, as Agno uses)."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     shown = _redact_url(url)
-    if isinstance(reason, (socket.timeout, TimeoutError)):
+    if isinstance(reason, _ConnectTimeout):
+        message = (
+            f"Could not connect to {shown} within connect_timeout={settings.connect_timeout:g}s: the host is "
+            "unreachable or a firewall drops the packets. Check the address and the network path to GPUStack "
+            "(VPN, firewall, proxy settings); raise connect_timeout=... only for a very slow network."
+        )
+    elif isinstance(reason, (socket.timeout, TimeoutError)):
         message = (
             f"No answer from {method} {shown} within timeout={settings.timeout:g}s; "
             "raise timeout=... if the model is slow (a cold start can take minutes)."
@@ -313,35 +372,45 @@ def _should_retry_connection(exc: BaseException) -> bool:
 
 
 def _retry_after(headers: Any) -> Optional[float]:
-    """Seconds the server asked us to wait: ``retry-after-ms``, then seconds, then an HTTP date."""
+    """Seconds the server asked us to wait: ``retry-after-ms``, then seconds, then an HTTP date.
+
+    A value that is not a finite number of seconds (``nan``, ``inf``, junk) counts as not given.
+    """
     if headers is None:
         return None
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return float(millis) / 1000.0
-        except ValueError:
-            pass
+    millis = _finite(headers.get("retry-after-ms"))
+    if millis is not None:
+        return millis / 1000.0
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
+    seconds = _finite(value)
+    if seconds is not None:
+        return seconds
     when = email.utils.parsedate_tz(value)
     if when is None:
         return None
-    return email.utils.mktime_tz(when) - time.time()
+    try:
+        return email.utils.mktime_tz(when) - time.time()
+    except (OverflowError, ValueError):
+        return None
+
+
+def _finite(value: Optional[str]) -> Optional[float]:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _retry_delay(attempt: int, headers: Any = None) -> Optional[float]:
     """Seconds to wait before retry number ``attempt + 1``, or None when the server asks too much."""
     asked = _retry_after(headers)
-    if asked is not None:
-        if asked > MAX_RETRY_AFTER:
-            return None
-        return max(asked, 0.0)
+    if asked is not None and asked > MAX_RETRY_AFTER:
+        return None  # a server that asks for a long pause is better answered by an error now
+    if asked is not None and asked >= 0:
+        return asked
     delay = min(INITIAL_RETRY_DELAY * (2**attempt), MAX_RETRY_DELAY)
     return delay * (1 - 0.25 * random.random())
 
@@ -353,42 +422,46 @@ class _Aborted(Exception):
     """The caller went away (task cancelled, stream closed); the request was torn down."""
 
 
+class _ConnectTimeout(socket.timeout):
+    """Opening the connection (TCP, proxy tunnel, TLS) took longer than connect_timeout."""
+
+
 class _CallGuard:
     """Lets another thread tear down the request a worker thread is blocked in.
 
-    Async calls run in threads; when their task is cancelled, ``abort()`` shuts the socket
-    down so the worker's read returns at once and GPUStack sees the client leave.
+    Async calls run in threads; when their task is cancelled, ``abort()`` shuts the current
+    socket down, also one that is still connecting, so the worker returns at once and
+    GPUStack sees the client leave.
     """
 
-    __slots__ = ("aborted", "_conn", "_lock", "_wake")
+    __slots__ = ("aborted", "_sock", "_lock", "_wake")
 
     def __init__(self) -> None:
         self.aborted = False
-        self._conn: Optional[http.client.HTTPConnection] = None
+        self._sock: Optional[socket.socket] = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
-    def attach(self, conn: Optional[http.client.HTTPConnection]) -> None:
+    def attach(self, sock: Optional[socket.socket]) -> None:
         with self._lock:
             if self.aborted:
                 raise _Aborted()
-            self._conn = conn
+            self._sock = sock
 
-    def detach(self, conn: http.client.HTTPConnection) -> None:
-        """The request on ``conn`` is over: a later abort must not touch it (it may serve another call)."""
+    def detach(self, sock: Optional[socket.socket]) -> None:
+        """The request on ``sock`` is over: a later abort must not touch it (it may serve another call)."""
         with self._lock:
-            if self._conn is conn:
-                self._conn = None
+            if self._sock is sock:
+                self._sock = None
 
     def abort(self) -> None:
         with self._lock:
             self.aborted = True
-            conn, self._conn = self._conn, None
+            sock, self._sock = self._sock, None
         self._wake.set()
-        sock = getattr(conn, "sock", None)
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked connect, send or read in the worker
             except OSError:
                 pass
 
@@ -434,17 +507,37 @@ class _ConnectionPool:
             for conn, _ in conns:
                 conn.close()
 
+    def forget(self) -> None:
+        """In a forked child: drop the parent's idle connections without touching them.
+
+        Closing our copy of the descriptor leaves the parent's connection up; ``shutdown()``
+        would cut it. The lock may have been held by a parent thread at fork time: replace it.
+        """
+        idle, self._idle, self._lock = self._idle, {}, threading.Lock()
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
 
 def _still_open(conn: http.client.HTTPConnection) -> bool:
     """An idle keep-alive socket that is readable was closed by the server (or sent junk): unusable."""
     sock = conn.sock
-    if sock is None:
-        return False
+    return sock is not None and not _readable(sock)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a read would not block, as urllib3's ``wait_for_read`` asks it: with ``poll``, which, unlike
+    ``select``, works for descriptors numbered 1024 and above."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ)
+            return bool(selector.select(0))
     except (OSError, ValueError):
-        return False
-    return not readable
+        return True  # a socket we cannot even ask is not one to send on
 
 
 class _Reply:
@@ -490,7 +583,7 @@ class _Reply:
         resp = self._resp
         if resp.isclosed() and not resp.will_close and conn.sock is not None:
             if self._guard is not None:
-                self._guard.detach(conn)
+                self._guard.detach(conn.sock)
             self._pool.give_back(self._key, conn)
         else:
             resp.close()
@@ -511,30 +604,90 @@ class _Reply:
         conn.close()
 
 
-_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
-def _no_delay(conn: http.client.HTTPConnection) -> None:
+def _no_delay(sock: socket.socket) -> None:
     """Turn Nagle off: http.client writes headers and body separately, and on a reused connection
     Nagle would hold the body back until the server's delayed ACK, 40 ms a call."""
-    sock = conn.sock
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
 
 
+def _open_socket(address: Tuple[str, int], timeout: Any = None, source_address: Any = None, *_: Any) -> socket.socket:
+    """``socket.create_connection``, with each socket handed to the call's guard before it connects,
+    so that a cancelled task stops a connect that would otherwise wait out the whole connect timeout."""
+    guard = _GUARD.get()
+    host, port = address
+    error: Optional[OSError] = None
+    for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if guard is not None:
+                guard.attach(sock)
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(where)
+            _no_delay(sock)
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if guard is not None and guard.aborted:
+                raise _Aborted() from None
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"cannot resolve {host}")
+
+
+def _connect(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> None:
+    """Open ``conn`` within its connect timeout, then wait for data with its read timeout."""
+    read_timeout = conn.timeout
+    conn.timeout = conn.connect_timeout  # type: ignore[attr-defined]
+    conn._create_connection = _open_socket  # type: ignore[attr-defined]
+    try:
+        connect()
+    except socket.timeout as exc:
+        conn.close()
+        raise _ConnectTimeout(f"no connection within {conn.timeout:g}s") from exc
+    except BaseException:
+        conn.close()
+        raise
+    finally:
+        conn.timeout = read_timeout
+    conn.sock.settimeout(read_timeout)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+
     def connect(self) -> None:
-        super().connect()
-        _no_delay(self)
+        _connect(self, super().connect)
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+
     def connect(self) -> None:
-        super().connect()
-        _no_delay(self)
+        _connect(self, self._tcp_then_tls)
+
+    def _tcp_then_tls(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP, and the proxy's CONNECT tunnel if any
+        guard = _GUARD.get()
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock, server_hostname=self._tunnel_host or self.host, do_handshake_on_connect=False
+        )
+        if guard is not None:
+            guard.attach(self.sock)  # the handshake, too, ends at once when the task is cancelled
+        self.sock.do_handshake()
 
 
 class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
@@ -543,6 +696,9 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
     urllib opens a new TCP (and TLS) connection per request; that costs more than
     everything else a call does. Proxies (``ProxyHandler`` before us) still work: the pool
     is keyed by the host urllib decided to talk to, and HTTPS tunnels by their target.
+    A request is sent again on a fresh connection only when sending it on a reused idle
+    connection failed, so none of it reached the server; any later failure is the retry
+    policy's to judge, so a POST is never silently run twice.
     """
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext]) -> None:
@@ -565,7 +721,9 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
         headers = {name.title(): value for name, value in req.headers.items()}
         headers.update({name.title(): value for name, value in req.unredirected_hdrs.items()})
         tunnel_headers = {}
-        if "Proxy-Authorization" in headers:
+        if tunnel and "Proxy-Authorization" in headers:
+            # Through a CONNECT tunnel only the CONNECT is the proxy's to read; the server must not see it.
+            # A plain-HTTP proxy reads the request itself, so there the header stays on it.
             tunnel_headers["Proxy-Authorization"] = headers.pop("Proxy-Authorization")
         guard = _GUARD.get()
         while True:
@@ -573,23 +731,25 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
             reused = conn is not None
             if conn is None:
                 conn = conn_class(req.host, timeout=req.timeout, **extra)
+                conn.connect_timeout = getattr(req, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # type: ignore[attr-defined]
                 if tunnel:
                     conn.set_tunnel(tunnel, headers=tunnel_headers)
             else:
                 conn.timeout = req.timeout
                 conn.sock.settimeout(req.timeout)
             try:
+                if conn.sock is None:
+                    conn.connect()
                 if guard is not None:
-                    guard.attach(conn)
-                conn.request(req.get_method(), req.selector, req.data, headers)
-                if guard is not None:
-                    guard.attach(conn)  # a cancel that came while connecting must still stop us
+                    guard.attach(conn.sock)
+                try:
+                    conn.request(req.get_method(), req.selector, req.data, headers)
+                except _STALE_ERRORS:
+                    if not reused:
+                        raise
+                    conn.close()
+                    continue  # the server had closed this idle connection: nothing of the request reached it
                 resp = conn.getresponse()
-            except _STALE_ERRORS as exc:
-                conn.close()
-                if reused:
-                    continue  # the server closed an idle connection; the request never reached it
-                raise urllib.error.URLError(exc) from exc
             except _Aborted:
                 conn.close()
                 raise
@@ -673,6 +833,18 @@ class _Transport:
     def url(self, path: str) -> str:
         return f"{self.settings.root}/v1/{path}"
 
+    def with_timeouts(self, timeout: Optional[float], connect_timeout: Optional[float] = None, max_retries: Optional[int] = None) -> "_Transport":
+        """This transport for one call with other limits (Agno's page store gives each embedding a deadline)."""
+        settings = self.settings
+        return _Transport(
+            dataclasses.replace(
+                settings,
+                timeout=_seconds("timeout", timeout, settings.timeout),
+                connect_timeout=_seconds("connect_timeout", connect_timeout, settings.connect_timeout),
+                max_retries=settings.max_retries if max_retries is None else max_retries,
+            )
+        )
+
     def _encode(self, body: Optional[Dict[str, Any]]) -> Optional[bytes]:
         if body is None:
             return None
@@ -693,6 +865,7 @@ class _Transport:
         attempt = 0
         while True:
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            request.connect_timeout = settings.connect_timeout  # type: ignore[attr-defined]  # read by _KeepAliveHandler
             delay: Optional[float]
             try:
                 reply = opener.open(request, timeout=settings.timeout)
@@ -971,15 +1144,28 @@ class _SSEDecoder:
 # Transport: async ############################################################
 
 
+def _max_workers() -> int:
+    raw = os.getenv(MAX_WORKERS_ENV)
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_WORKERS
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_WORKERS_ENV} must be a whole number >= 1, got {raw!r}")
+    return value
+
+
 class _ElasticExecutor(concurrent.futures.Executor):
-    """Threads for blocking calls that grow with demand and exit when idle.
+    """Threads for blocking calls that grow with demand, up to a cap, and exit when idle.
 
     The event loop's default executor holds min(32, cpu + 4) threads: on a 2-core machine
     the 7th concurrent call would wait for one of the first six. Here every call that finds
-    no idle thread gets a new one, and a thread idle for WORKER_IDLE_SECONDS exits.
+    no idle thread gets a new one while there are fewer than ``max_workers``; beyond that,
+    calls wait in order for a free thread. A thread idle for WORKER_IDLE_SECONDS exits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+        self.max_workers = max_workers
         self._queue: "collections.deque[Tuple[concurrent.futures.Future, Callable[[], Any]]]" = collections.deque()
         self._lock = threading.Condition(threading.Lock())
         self._idle = 0
@@ -988,14 +1174,29 @@ class _ElasticExecutor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
         future: concurrent.futures.Future = concurrent.futures.Future()
         call = (lambda: fn(*args, **kwargs)) if kwargs else (lambda: fn(*args))
+        item = (future, call)
         with self._lock:
-            self._queue.append((future, call))
-            if self._idle >= len(self._queue):
+            self._queue.append(item)
+            if self._idle >= len(self._queue) or self.threads >= self.max_workers:
                 self._lock.notify()
                 return future
             self.threads += 1
-        threading.Thread(target=self._work, name="gpustack-worker", daemon=True).start()
+        try:
+            threading.Thread(target=self._work, name="gpustack-worker", daemon=True).start()
+        except BaseException:
+            self._unstarted(item)
+            raise
         return future
+
+    def _unstarted(self, item: Tuple[concurrent.futures.Future, Callable[[], Any]]) -> None:
+        """A thread failed to start: its caller is told so, and its call must never run later."""
+        with self._lock:
+            self.threads -= 1
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return  # another thread took it already; it runs, and the caller sees its result
+        item[0].cancel()
 
     def _work(self) -> None:
         while True:
@@ -1019,7 +1220,25 @@ class _ElasticExecutor(concurrent.futures.Executor):
             del future, call
 
 
-_EXECUTOR = _ElasticExecutor()
+_EXECUTOR = _ElasticExecutor(_max_workers())
+
+
+def _start_clean_after_fork() -> None:
+    """In a forked child (gunicorn --preload, Celery prefork): the parent's connections and threads are not ours.
+
+    An inherited idle connection would be shared with the parent, each reading the other's
+    answers; the executor would count threads that don't exist here and never run a call.
+    """
+    global _OPENERS_LOCK, _EXECUTOR
+    _OPENERS_LOCK = threading.Lock()
+    for _, handler in list(_OPENERS.values()):
+        handler.pool.forget()
+    _OPENERS.clear()
+    _EXECUTOR = _ElasticExecutor(_EXECUTOR.max_workers)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_clean_after_fork)
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -1258,7 +1477,8 @@ class GPUStackChat(Model):
     # Client parameters
     base_url: Optional[str] = None
     api_key: Optional[str] = field(default=None, repr=False)
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT  # seconds to wait for data
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds to open a connection
     max_retries: int = DEFAULT_MAX_RETRIES
     verify: Union[bool, str] = True
     headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # may carry credentials too
@@ -1268,22 +1488,13 @@ class GPUStackChat(Model):
         self.base_url = _server_root(self.base_url)
         if self.api_key is None:
             self.api_key = os.getenv(API_KEY_ENV) or None
+        self._client_cache: Optional[Tuple[Any, _Transport]] = None
+        self._transport()  # every setting is checked now, not at the first call
 
     # -- transport --------------------------------------------------------------
 
     def _transport(self) -> _Transport:
-        return _Transport(
-            _settings(
-                self.base_url,
-                self.api_key or "",
-                self.timeout,
-                self.max_retries,
-                self.verify,
-                self.headers,
-                model_name=self.name,
-                model_id=self.id,
-            )
-        )
+        return _client_of(self, self.name)
 
     def close(self) -> None:
         """Close idle connections to the server: ``model.close()``."""
@@ -1298,6 +1509,7 @@ class GPUStackChat(Model):
                 name: getattr(self, name)
                 for name in (
                     "timeout",
+                    "connect_timeout",
                     "max_retries",
                     "temperature",
                     "max_tokens",
@@ -1663,11 +1875,25 @@ def _check_texts(texts: Any) -> List[str]:
     return list(texts)
 
 
+class _Malformed(Exception):
+    """Part of a 2xx answer is not what the endpoint promises; the caller turns it into ModelProviderError."""
+
+
 def _vector(raw: Any) -> List[float]:
-    """One embedding: a list of floats, or base64 of little-endian float32."""
+    """One embedding: a list of numbers, or base64 of little-endian float32."""
     if isinstance(raw, str):
-        data = base64.b64decode(raw)
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise _Malformed("an embedding that is not valid base64") from None
+        if not data or len(data) % 4:
+            raise _Malformed(f"a base64 embedding of {len(data)} bytes, not a whole number of float32")
         return list(struct.unpack(f"<{len(data) // 4}f", data))
+    if not isinstance(raw, list) or not raw:
+        raise _Malformed(f"an embedding that is {type(raw).__name__}, not a list of numbers")
+    for value in raw:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Malformed(f"an embedding holding {value!r}, not a number")
     return raw
 
 
@@ -1693,6 +1919,7 @@ class GPUStackEmbeddings(Embedder):
     base_url: Optional[str] = None
     api_key: Optional[str] = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_retries: int = DEFAULT_MAX_RETRIES
     verify: Union[bool, str] = True
     headers: Optional[Dict[str, str]] = field(default=None, repr=False)
@@ -1705,13 +1932,29 @@ class GPUStackEmbeddings(Embedder):
         self.base_url = _server_root(self.base_url)
         if self.api_key is None:
             self.api_key = os.getenv(API_KEY_ENV) or None
+        self._client_cache: Optional[Tuple[Any, _Transport]] = None
+        self._transport()
 
     def _get_dimensions(self) -> Optional[int]:
         if self._dimensions is None:
-            # Vector databases size their tables from this before the first embedding.
-            self._dimensions = len(self.parse_embeddings_response(self.embed("dimension probe"))[0])
+            self._dimensions = self._probe_dimensions()
             self._learned = True
         return self._dimensions
+
+    def _probe_dimensions(self) -> int:
+        """Vector databases size their tables from ``dimensions``, often as they are constructed: learn it with
+        one short embedding, within the connect timeout and without retries, so a server that isn't there
+        costs seconds, not minutes."""
+        limit = self.connect_timeout
+        try:
+            answer = self._embed(["dimension probe"], self._transport().with_timeouts(limit, limit, max_retries=0))
+        except ModelProviderError as error:
+            error.message = (
+                f"Cannot learn the embedding size of {self.id!r} from GPUStack within {limit:g}s: {error.message} "
+                f"Set dimensions=N on GPUStackEmbeddings to skip this probe."
+            )
+            raise
+        return len(self.parse_embeddings_response(answer)[0])
 
     def _set_dimensions(self, value: Optional[int]) -> None:
         if value is not None and (not isinstance(value, int) or value <= 0):
@@ -1720,10 +1963,7 @@ class GPUStackEmbeddings(Embedder):
         self._learned = False
 
     def _transport(self) -> _Transport:
-        return _Transport(
-            _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
-                      model_name="GPUStackEmbeddings", model_id=self.id)
-        )
+        return _client_of(self, "GPUStackEmbeddings")
 
     def _body(self, texts: List[str]) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": self.id, "input": texts[0] if len(texts) == 1 else texts}
@@ -1736,10 +1976,15 @@ class GPUStackEmbeddings(Embedder):
         body.update(self.request_params or {})
         return body
 
-    def embed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
-        """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``."""
-        texts = _check_texts(input)
+    def embed(self, input: Union[str, List[str]], timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``.
+
+        ``timeout`` replaces the model's read timeout for this call only.
+        """
         transport = self._transport()
+        return self._embed(_check_texts(input), transport if timeout is None else transport.with_timeouts(timeout))
+
+    def _embed(self, texts: List[str], transport: _Transport) -> Dict[str, Any]:
         answer = transport.call("POST", "embeddings", self._body(texts), expect="data")
         vectors = self.parse_embeddings_response(answer)
         if len(vectors) != len(texts):
@@ -1761,43 +2006,50 @@ class GPUStackEmbeddings(Embedder):
     def parse_embeddings_response(self, result: Dict[str, Any]) -> List[List[float]]:
         """The vectors of an embeddings answer, in input order (servers may answer out of order)."""
         data = result.get("data") if isinstance(result, dict) else None
-        if not isinstance(data, list):
-            raise self._transport().malformed("no 'data' list", result)
-        items = sorted(data, key=lambda item: item.get("index", 0))
-        return [_vector(item.get("embedding")) for item in items]
+        try:
+            if not isinstance(data, list):
+                raise _Malformed("no 'data' list")
+            if not all(isinstance(item, dict) and isinstance(item.get("index", 0), int) for item in data):
+                raise _Malformed("an embedding item that is not an object with a whole-number index")
+            items = sorted(data, key=lambda item: item.get("index", 0))
+            return [_vector(item.get("embedding")) for item in items]
+        except _Malformed as problem:
+            raise self._transport().malformed(str(problem), result) from None
 
     # -- Agno's Embedder interface: errors become EmbeddingError ------------------------
 
-    def _one(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+    # ``timeout`` bounds that one call: Agno's page store gives each embedding its own deadline.
+
+    def _one(self, text: str, timeout: Optional[float] = None) -> Tuple[List[float], Optional[Dict]]:
         try:
-            answer = self.embed(text)
+            answer = self.embed(text, timeout=timeout)
+            return self.parse_embeddings_response(answer)[0], answer.get("usage")
         except ModelProviderError as error:
             raise_embedding_error(error, model_id=self.id, provider="GPUStack")
-        return self.parse_embeddings_response(answer)[0], answer.get("usage")
 
-    def get_embedding(self, text: str) -> List[float]:
+    def get_embedding(self, text: str, timeout: Optional[float] = None) -> List[float]:
         """``embedder.get_embedding("text")`` -> one vector."""
-        return self._one(text)[0]
+        return self._one(text, timeout)[0]
 
-    def get_embedding_and_usage(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+    def get_embedding_and_usage(self, text: str, timeout: Optional[float] = None) -> Tuple[List[float], Optional[Dict]]:
         """``embedder.get_embedding_and_usage("text")`` -> (vector, usage)."""
-        return self._one(text)
+        return self._one(text, timeout)
 
-    async def async_get_embedding(self, text: str) -> List[float]:
+    async def async_get_embedding(self, text: str, timeout: Optional[float] = None) -> List[float]:
         """``await embedder.async_get_embedding("text")``."""
-        return (await self.async_get_embedding_and_usage(text))[0]
+        return (await self.async_get_embedding_and_usage(text, timeout))[0]
 
-    async def async_get_embedding_and_usage(self, text: str) -> Tuple[List[float], Optional[Dict]]:
+    async def async_get_embedding_and_usage(self, text: str, timeout: Optional[float] = None) -> Tuple[List[float], Optional[Dict]]:
         """``await embedder.async_get_embedding_and_usage("text")``."""
         _check_texts(text)
-        return await _in_thread(self._one, text)
+        return await _in_thread(self._one, text, timeout)
 
     def _batch(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
         try:
             answer = self.embed(texts)
+            vectors = pad_batch_embeddings(self.parse_embeddings_response(answer), texts, "GPUStack")
         except ModelProviderError as error:
             raise_embedding_error(error, model_id=self.id, provider="GPUStack")
-        vectors = pad_batch_embeddings(self.parse_embeddings_response(answer), texts, "GPUStack")
         return vectors, [answer.get("usage")] * len(vectors)
 
     def _batches(self, texts: List[str]) -> List[List[str]]:
@@ -1917,18 +2169,21 @@ class GPUStackRerank(Reranker):
 
     base_url: Optional[str] = None
     timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_retries: int = DEFAULT_MAX_RETRIES
     verify: Union[bool, str] = True
     # Agno's Reranker is a pydantic model: the key and headers are private attributes, so they
     # stay out of repr() and model_dump().
     _api_key: Optional[str] = None
     _headers: Optional[Dict[str, str]] = None
+    _client_cache: Optional[Tuple[Any, Any]] = None
 
     def __init__(self, *, api_key: Optional[str] = None, headers: Optional[Dict[str, str]] = None, **fields: Any) -> None:
         super().__init__(**fields)
         self.base_url = _server_root(self.base_url)
         self._api_key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)
         self._headers = headers
+        self._transport()  # every setting is checked now, not at the first call
 
     @property
     def api_key(self) -> Optional[str]:
@@ -1939,10 +2194,7 @@ class GPUStackRerank(Reranker):
         return self._headers
 
     def _transport(self) -> _Transport:
-        return _Transport(
-            _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
-                      model_name="GPUStackRerank", model_id=self.id)
-        )
+        return _client_of(self, "GPUStackRerank")
 
     def _results(self, query: str, texts: List[str], top_n: Optional[int]) -> List[Dict[str, Any]]:
         if not isinstance(query, str) or not query.strip():
@@ -1963,6 +2215,8 @@ class GPUStackRerank(Reranker):
             if not isinstance(index, int) or not 0 <= index < len(texts):
                 raise transport.malformed(f"a result for document {index!r} of {len(texts)}", answer)
             score = result.get("relevance_score", result.get("score"))
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise transport.malformed(f"a result for document {index} with score {score!r}", answer)
             ranked.append({"index": index, "relevance_score": float(score), "document": _result_text(result, texts)})
         ranked.sort(key=lambda item: item["relevance_score"], reverse=True)
         return ranked[:top_n] if top_n else ranked

@@ -1620,9 +1620,12 @@ def test_500_concurrent_async_streams_arrive_whole_and_in_order(model, fake):
     assert asyncio.run(go()) == ["".join(words)] * 500
 
 
-def test_url_credentials_absent_from_to_dict(fake):
-    model = GPUStackChat(id="m", base_url=fake.url.replace("http://", "http://user:pw-secret@"))
-    assert "pw-secret" not in json.dumps(model.to_dict())
+def test_url_credentials_are_refused_at_construction_without_showing_them(fake):
+    with pytest.raises(ValueError) as caught:
+        GPUStackChat(id="m", base_url=fake.url.replace("http://", "http://user:pw-secret@"))
+    assert str(caught.value) == (
+        f"GPUStack server URL must not carry user:password@ ({fake.url!r}); pass the key as api_key=... or GPUSTACK_API_KEY"
+    )
 
 
 def test_invoke_tolerates_agno_retry_keywords(model):
