@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -105,6 +106,7 @@ class Fake:
         self.requests: List[Seen] = []
         self.client_gone = threading.Event()
         self.connections = 0
+        self.closed = threading.Semaphore(0)  # released each time the fake closes a connection
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,20 +140,41 @@ class Fake:
 
             do_POST = do_GET = _handle
 
-        ThreadingHTTPServer.request_queue_size = 1024  # the load tests connect hundreds at once
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024  # the load tests connect hundreds at once
+
+            def shutdown_request(self, request: Any) -> None:
+                super().shutdown_request(request)
+                fake.closed.release()
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        # Our own accept loop instead of serve_forever's polling: close() wakes it at once.
+        self._wake, self._waker = socket.socketpair()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.server.socket.fileno(), selectors.EVENT_READ)
+            selector.register(self._wake, selectors.EVENT_READ)
+            while True:
+                ready = [key.fileobj for key, _ in selector.select()]
+                if self._wake in ready:
+                    return
+                self.server._handle_request_noblock()
 
     def on(self, path: str, *responders: Callable) -> None:
         """Answer ``path`` with these responders in turn; the last one repeats."""
         self.routes[path] = list(responders)
 
     def close(self) -> None:
-        self.server.shutdown()
+        self._waker.send(b"x")
+        self.thread.join(5)
         self.server.server_close()
+        self._wake.close()
+        self._waker.close()
 
 
 def send(handler, status: int, body: bytes, content_type: str = "application/json", headers: Optional[dict] = None):
@@ -827,14 +850,17 @@ def test_sequential_calls_reuse_one_connection(model, fake):
     assert fake.connections == 1
 
 
-def test_connection_closed_by_server_between_calls_is_replaced(model, fake):
+def test_connection_closed_by_server_between_calls_is_replaced_without_a_retry(fake):
     def once_then_close(h, seen):
         send(h, 200, REAL_CHAT)
         h.close_connection = True
 
     fake.on("/v1/chat/completions", once_then_close)
+    model = GPUStackChat(id="m", base_url=fake.url, max_retries=0)
     for _ in range(3):
         assert model.invoke(user()).content == "Hello"
+        assert fake.closed.acquire(timeout=5)  # the idle connection in the pool is now a dead one
+    assert len(fake.requests) == 3 and fake.connections == 3
 
 
 def test_async_worker_threads_exit_when_idle(model, monkeypatch):
@@ -1718,3 +1744,313 @@ def test_embedding_batches_run_concurrently_up_to_the_limit(embedder, fake):
     embedder.batch_size, embedder.batch_concurrency = 1, 3
     asyncio.run(embedder.async_get_embeddings_batch_and_usage([f"t{i}" for i in range(9)]))
     assert peak[0] == 3
+
+
+# Transport safeguards: fork, resend, connect timeout, descriptors, proxies, executor, settings #########
+
+
+def echo_chat(h, seen):
+    """Answers with the user's own words, so a reply that reaches the wrong caller shows."""
+    words = seen.json["messages"][-1]["content"]
+    time.sleep(0.002)  # widen the window in which two processes on one socket would cross answers
+    send(h, 200, json.dumps(chat_answer(words)).encode())
+
+
+def test_forked_children_never_read_the_parents_answers(fake, monkeypatch):
+    import multiprocessing
+
+    fake.on("/v1/chat/completions", echo_chat)
+    model = GPUStackChat(id="m", base_url=fake.url, timeout=5, max_retries=0)
+    assert model.invoke(user("warm-up")).content == "warm-up"  # the parent's pool now holds an idle connection
+    context = multiprocessing.get_context("fork")
+    children, rounds = 3, 25
+    barrier = context.Barrier(children + 1, timeout=10)
+
+    def call_in_step(name: str) -> None:
+        for round_ in range(rounds):
+            barrier.wait()
+            words = f"{name}-{round_}"
+            assert model.invoke(user(words)).content == words
+
+    processes = [context.Process(target=call_in_step, args=(f"child{n}",)) for n in range(children)]
+    for process in processes:
+        process.start()
+    try:
+        call_in_step("parent")
+    finally:
+        for process in processes:
+            process.join(10)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+    assert [process.exitcode for process in processes] == [0] * children
+    assert model.invoke(user("after")).content == "after"
+    # Each call arrived once and whole: no request was mangled by another process's bytes, none resent.
+    assert sorted(seen.json["messages"][-1]["content"] for seen in fake.requests) == sorted(
+        ["warm-up", "after"] + [f"{name}-{r}" for name in ["parent", "child0", "child1", "child2"] for r in range(rounds)]
+    )
+
+
+def test_async_calls_run_in_a_forked_child(model, fake):
+    import multiprocessing
+
+    fake.on("/v1/chat/completions", echo_chat)
+    assert asyncio.run(model.ainvoke(user("parent"))).content == "parent"  # the executor now has an idle thread
+
+    def child() -> None:
+        sys.exit(0 if asyncio.run(model.ainvoke(user("child"))).content == "child" else 1)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(10)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    assert process.exitcode == 0
+
+
+def read_then_drop(h, seen):
+    """The whole request arrived (the fake read it); the connection drops before any answer."""
+    h.close_connection = True
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_request_sent_whole_then_dropped_is_sent_exactly_max_retries_plus_one_times(fake, monkeypatch, retries):
+    monkeypatch.setattr(gpustack, "INITIAL_RETRY_DELAY", 0.01)
+    model = GPUStackChat(id="m", base_url=fake.url, max_retries=retries)
+    model.invoke(user())  # the next call goes out on this idle, reused connection
+    fake.on("/v1/chat/completions", read_then_drop)
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert len(fake.requests) == 1 + retries + 1
+    assert caught.value.message == (
+        f"Connection to {fake.url}/v1/chat/completions failed before an answer: "
+        "RemoteDisconnected('Remote end closed connection without response')."
+    )
+
+
+@pytest.fixture
+def unreachable():
+    """A port whose accept queue is full: the kernel drops further SYNs, as a firewall does."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filling = []
+    while True:  # fill the queue until a connect no longer completes
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except socket.timeout:
+            probe.close()
+            break
+        filling.append(probe)
+    yield f"http://127.0.0.1:{port}"
+    for sock in filling:
+        sock.close()
+    listener.close()
+
+
+def test_unreachable_host_fails_after_the_connect_timeout_with_its_own_message(unreachable):
+    model = GPUStackChat(id="m", base_url=unreachable, connect_timeout=0.3, timeout=60, max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert 0.3 <= time.monotonic() - started < 2
+    assert caught.value.message == (
+        f"Could not connect to {unreachable}/v1/chat/completions within connect_timeout=0.3s: the host is "
+        "unreachable or a firewall drops the packets. Check the address and the network path to GPUStack "
+        "(VPN, firewall, proxy settings); raise connect_timeout=... only for a very slow network."
+    )
+
+
+def busy_workers() -> int:
+    return gpustack._EXECUTOR.threads - gpustack._EXECUTOR._idle
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> float:
+    """Seconds until ``condition()`` held, or ``seconds`` if it never did."""
+    started = time.monotonic()
+    while not condition() and time.monotonic() - started < seconds:
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_cancelled_ainvoke_while_connecting_gives_its_thread_back_at_once(unreachable):
+    model = GPUStackChat(id="m", base_url=unreachable, connect_timeout=30, max_retries=0)
+
+    async def go():
+        task = asyncio.create_task(model.ainvoke(user()))
+        await asyncio.sleep(0.3)
+        assert busy_workers() == 1  # the worker is in connect()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert wait_for(lambda: busy_workers() == 0, 5) < 0.5
+
+
+def test_keep_alive_holds_with_descriptors_numbered_above_1024(model, fake):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip(f"the descriptor limit ({hard}) is too low to open 1100 descriptors")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    held: List[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        for _ in range(10):
+            model.invoke(user())
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert len(fake.requests) == 10 and fake.connections == 1
+
+
+def test_plain_http_proxy_gets_its_credentials(fake, monkeypatch):
+    import base64
+
+    proxy = Fake()
+    try:
+        proxy.on(fake.url + "/v1/chat/completions", reply(200, chat_answer("via proxy")))
+        monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://user:p%40ss@"))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert GPUStackChat(id="m", base_url=fake.url).invoke(user()).content == "via proxy"
+        assert proxy.requests[-1].headers["Proxy-Authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+    finally:
+        gpustack.close_connections()
+        proxy.close()
+
+
+class ConnectProxy:
+    """A CONNECT proxy on 127.0.0.1: records each CONNECT and its headers, then relays bytes both ways."""
+
+    def __init__(self) -> None:
+        self.seen: List[tuple] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_CONNECT(self) -> None:
+                proxy.seen.append((self.path, dict(self.headers.items())))
+                host, port = self.path.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                with upstream, selectors.DefaultSelector() as selector:
+                    selector.register(self.connection, selectors.EVENT_READ, upstream)
+                    selector.register(upstream, selectors.EVENT_READ, self.connection)
+                    while True:
+                        ready = selector.select(5)
+                        for key, _ in ready:
+                            data = key.fileobj.recv(65536)
+                            if not data:
+                                ready = []
+                                break
+                            key.data.sendall(data)
+                        if not ready:
+                            break
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_https_through_a_connect_proxy_sends_credentials_only_to_the_proxy(tls_fake, monkeypatch):
+    import base64
+
+    proxy = ConnectProxy()
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://user:pw@"))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        model = GPUStackChat(id="m", base_url=tls_fake.url, verify=tls_fake.cert)
+        assert model.invoke(user()).content == "Hello"
+        target, headers = proxy.seen[-1]
+        assert target == tls_fake.url.replace("https://", "")
+        assert headers["Proxy-Authorization"] == "Basic " + base64.b64encode(b"user:pw").decode()
+        assert "Proxy-Authorization" not in tls_fake.requests[-1].headers
+    finally:
+        gpustack.close_connections()
+        proxy.close()
+
+
+def test_executor_caps_its_threads_and_queues_the_rest():
+    executor = gpustack._ElasticExecutor(max_workers=2)
+    release = threading.Event()
+    futures = [executor.submit(release.wait, 5) for _ in range(5)]
+    assert executor.threads == 2
+    release.set()
+    assert [future.result(5) for future in futures] == [True] * 5
+    assert executor.threads <= 2
+
+
+def test_a_call_whose_thread_failed_to_start_never_runs(monkeypatch):
+    executor = gpustack._ElasticExecutor(max_workers=10)
+    ran: List[str] = []
+    real_start = threading.Thread.start
+
+    def fail_once(thread):
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", fail_once)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        executor.submit(ran.append, "lost")
+    assert executor.threads == 0
+    executor.submit(ran.append, "kept").result(5)
+    executor.submit(ran.append, "kept too").result(5)
+    assert ran == ["kept", "kept too"]
+
+
+@pytest.mark.parametrize("value, expected", [("7", "7"), ("0", "ValueError: GPUSTACK_MAX_WORKERS must be a whole number >= 1, got '0'")])
+def test_max_workers_is_read_from_the_environment(value, expected):
+    code = "import gpustack; print(gpustack._EXECUTOR.max_workers)"
+    env = {**os.environ, "GPUSTACK_MAX_WORKERS": value}
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert (done.stdout.strip() or done.stderr.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.parametrize("make", [GPUStackChat, gpustack.GPUStackEmbeddings, gpustack.GPUStackRerank], ids=["chat", "embeddings", "rerank"])
+@pytest.mark.parametrize("setting, message", [
+    ({"timeout": -1.5}, "timeout must be a positive number of seconds, got -1.5"),
+    ({"timeout": float("nan")}, "timeout must be a positive number of seconds, got nan"),
+    ({"connect_timeout": 0.0}, "connect_timeout must be a positive number of seconds, got 0.0"),
+    ({"max_retries": -3}, "max_retries must be a whole number >= 0, got -3"),
+    ({"verify": "/missing/ca.pem"}, "verify='/missing/ca.pem': no such CA bundle file or directory"),
+])
+def test_bad_settings_fail_at_construction(fake, make, setting, message):
+    with pytest.raises(ValueError) as caught:
+        make(id="m", base_url=fake.url, **setting)
+    assert str(caught.value) == message
+    assert fake.requests == []
+
+
+def test_settings_are_built_once_per_model_not_per_call(fake, monkeypatch):
+    built = []
+    real = gpustack._settings
+    monkeypatch.setattr(gpustack, "_settings", lambda *args, **kwargs: built.append(1) or real(*args, **kwargs))
+    model = GPUStackChat(id="m", base_url=fake.url)
+    for _ in range(5):
+        model.invoke(user())
+    assert len(built) == 1
+    model.max_retries = -1  # a setting changed later is checked before the next request
+    with pytest.raises(ValueError, match="max_retries must be a whole number >= 0, got -1"):
+        model.invoke(user())
+    assert len(fake.requests) == 5
