@@ -1051,79 +1051,105 @@ class _SSETooLarge(Exception):
     pass
 
 
+class _SSELines:
+    """Bytes in, whole lines out (without their ending); no I/O, no event rules.
+
+    Lines end in ``\\n``, ``\\r\\n`` or ``\\r``. A ``\\r`` at the end of a block may be the first
+    half of ``\\r\\n``, so a ``\\n`` opening the next block is skipped. An unfinished line is
+    held as a list of pieces, each counted once, so a long line arriving in many small reads
+    costs its length, not its length squared.
+    """
+
+    __slots__ = ("_held", "_held_bytes", "_after_cr")
+
+    def __init__(self) -> None:
+        self._held: List[bytes] = []
+        self._held_bytes = 0
+        self._after_cr = False
+
+    def feed(self, block: bytes) -> List[bytes]:
+        if self._after_cr and block[:1] == b"\n":
+            block = block[1:]
+        self._after_cr = False
+        if not block:
+            return []
+        lines = block.splitlines(True)
+        unfinished = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else None
+        if lines:
+            self._after_cr = lines[-1].endswith(b"\r") and unfinished is None
+            if self._held:
+                lines[0] = b"".join(self._held) + lines[0]
+                self._held, self._held_bytes = [], 0
+        if unfinished is not None:
+            self._held.append(unfinished)
+            self._held_bytes += len(unfinished)
+            if self._held_bytes > MAX_SSE_LINE_BYTES:
+                raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
+        return [line.rstrip(b"\r\n") for line in lines]
+
+    def close(self) -> List[bytes]:
+        """At end of stream, a last line without its ending still counts."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        return [b"".join(held)] if held else []
+
+
 class _SSEDecoder:
     """Bytes in, ``(event type, data)`` out, one event as soon as its closing blank line arrives.
 
-    Lines end in ``\\n``, ``\\r\\n`` or ``\\r`` (a ``\\r`` at the end of a block may be the first
-    half of ``\\r\\n``, so a ``\\n`` opening the next block is skipped). Comment lines are
-    ignored, several ``data:`` lines are joined with ``\\n``, events without data are skipped.
-    Tolerated gateway bugs: a bare ``{...}`` line is an event of its own.
+    Comment lines are ignored, several ``data:`` lines are joined with ``\\n``, events without
+    data are skipped. Tolerated gateway bug: a bare ``{...}`` line is an event of its own.
+    Caps: one line (``_SSELines``), one event's data, and the bytes of complete lines in a row
+    that carry no data (comments, empty events), which is a stream that says nothing.
     """
 
-    __slots__ = ("_partial", "_after_cr", "_data", "_size", "_event", "_silent", "last_event_id", "retry")
+    __slots__ = ("_lines", "_data", "_size", "_event", "_silent", "last_event_id", "retry")
 
     def __init__(self) -> None:
-        self._partial = b""
-        self._silent = 0
-        self._after_cr = False
+        self._lines = _SSELines()
         self._data: List[str] = []
         self._size = 0
         self._event = ""
+        self._silent = 0
         self.last_event_id = ""
         self.retry: Optional[int] = None
 
     def feed(self, block: bytes) -> List[Tuple[str, str]]:
-        if self._after_cr and block[:1] == b"\n":
-            block = block[1:]
-        self._after_cr = False
-        if self._partial:
-            block = self._partial + block
-            self._partial = b""
-        lines = block.splitlines(True)
-        if lines and not lines[-1].endswith((b"\n", b"\r")):
-            self._partial = lines.pop()
-            if len(self._partial) > MAX_SSE_LINE_BYTES:
-                raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
-        elif lines and lines[-1].endswith(b"\r"):
-            self._after_cr = True
-        self._silent += len(block)
-        events: List[Tuple[str, str]] = []
-        for raw in lines:
-            event = self._line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
-            if event is not None:
-                events.append(event)
-        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:
-            raise _SSETooLarge(f"more than {MAX_SSE_BYTES_WITHOUT_DATA} bytes of comments and empty events without any data")
-        return events
+        return self._decode(self._lines.feed(block))
 
     def close(self) -> List[Tuple[str, str]]:
         """At end of stream: a last unterminated line counts; an event without its blank line does not."""
+        return self._decode(self._lines.close())
+
+    def _decode(self, lines: List[bytes]) -> List[Tuple[str, str]]:
         events: List[Tuple[str, str]] = []
-        if self._partial:
-            event = self._line(self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+        for raw in lines:
+            event = self._line(raw.decode("utf-8", "replace"), len(raw))
             if event is not None:
                 events.append(event)
         return events
 
-    def _line(self, line: str) -> Optional[Tuple[str, str]]:
-        if not line:
-            return self._dispatch()
-        if line[0] == ":":
-            return None
-        if line[0] == "{" and not self._data:
+    def _line(self, line: str, size: int) -> Optional[Tuple[str, str]]:
+        if line[:1] == "{" and not self._data:
             self._silent = 0
             return (self._event, line)
         name, _, value = line.partition(":")
-        if value[:1] == " ":
-            value = value[1:]
-        if name == "data":
+        if name == "data" and line:
+            if value[:1] == " ":
+                value = value[1:]
             self._silent = 0
             self._size += len(value)
             if self._size > MAX_SSE_EVENT_BYTES:
                 raise _SSETooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES} bytes")
             self._data.append(value)
-        elif name == "event":
+            return None
+        self._silent += size + 1
+        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:
+            raise _SSETooLarge(f"more than {MAX_SSE_BYTES_WITHOUT_DATA} bytes of comments and empty events without any data")
+        if not line:
+            return self._dispatch()
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "event":
             self._event = value
         elif name == "id":
             if "\0" not in value:

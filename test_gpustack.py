@@ -2054,3 +2054,51 @@ def test_settings_are_built_once_per_model_not_per_call(fake, monkeypatch):
     with pytest.raises(ValueError, match="max_retries must be a whole number >= 0, got -1"):
         model.invoke(user())
     assert len(fake.requests) == 5
+
+
+# Event-stream caps #######################################################################################
+
+
+def fed_in_pieces(body: bytes, size: int) -> List[tuple]:
+    decoder = gpustack._SSEDecoder()
+    events = []
+    for start in range(0, len(body), size):
+        events += decoder.feed(body[start : start + size])
+    return events + decoder.close()
+
+
+def test_a_2_mib_event_in_small_reads_is_one_event():
+    data = "x" * (2 * 1024 * 1024)
+    assert fed_in_pieces(b": ping\n\ndata: " + data.encode() + b"\n\n", 4096) == [("", data)]
+
+
+def test_a_2_mib_event_arrives_whole_over_the_network(model, fake):
+    words = "y" * (2 * 1024 * 1024)
+    event = b"data: " + json.dumps(chunk(words, finish="stop")).encode() + b"\n\n"
+    fake.on("/v1/chat/completions", stream(*[event[i : i + 16384] for i in range(0, len(event), 16384)], b"data: [DONE]\n\n"))
+    assert text_of(model.invoke_stream(user())) == words
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"data: " + b"x" * gpustack.MAX_SSE_LINE_BYTES, "a line longer than 8388608 bytes without a line end"),
+    ((b"data: " + b"x" * (4 * 1024 * 1024) + b"\n") * 5, "an event larger than 16777216 bytes"),
+    (b": ping\n" * (1024 * 1024 // 7 + 1), "more than 1048576 bytes of comments and empty events without any data"),
+])
+def test_each_sse_cap_exceeded_fails_with_its_own_message(body, message):
+    with pytest.raises(gpustack._SSETooLarge) as caught:
+        fed_in_pieces(body, 65536)
+    assert str(caught.value) == message
+
+
+def test_comments_under_the_cap_between_data_never_add_up():
+    ping_then_data = b": keep-alive\n\n" * 1000 + b"data: {}\n\n"  # 15 KB of comments, then data
+    assert len(fed_in_pieces(ping_then_data * 100, 4096)) == 100
+
+
+def test_exceeded_sse_cap_reaches_the_caller_as_a_provider_error(model, fake):
+    fake.on("/v1/chat/completions", stream(b": ping\n" * (1024 * 1024 // 7 + 1)))
+    with pytest.raises(ModelProviderError) as caught:
+        list(model.invoke_stream(user()))
+    assert caught.value.message == (
+        "GPUStack's event stream is malformed: more than 1048576 bytes of comments and empty events without any data"
+    )
