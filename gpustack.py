@@ -816,6 +816,34 @@ def close_connections() -> None:
         handler.pool.close()
 
 
+class _Malformed(Exception):
+    """Part of a 2xx answer is not what the endpoint promises; ``_Reading`` reports it."""
+
+
+# What reading a server's JSON raises when a field has the wrong shape (a string for a list, ...).
+_SHAPE_ERRORS = (_Malformed, AttributeError, TypeError, ValueError, KeyError, IndexError, struct.error)
+
+
+class _Reading:
+    """``with transport.reading(answer):`` a broken answer shape becomes the one malformed-answer error,
+    never a raw AttributeError or binascii.Error from deep in the parsing."""
+
+    __slots__ = ("_transport", "_answer")
+
+    def __init__(self, transport: "_Transport", answer: Any) -> None:
+        self._transport = transport
+        self._answer = answer
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if kind is not None and issubclass(kind, _SHAPE_ERRORS):
+            problem = str(exc) if kind is _Malformed else f"a part this client cannot read ({kind.__name__}: {exc})"
+            raise self._transport.malformed(problem, self._answer) from None
+        return False
+
+
 class _Transport:
     """Every HTTP call of the module: request, status check, retry, error mapping, SSE."""
 
@@ -914,8 +942,11 @@ class _Transport:
         return answer
 
     def malformed(self, problem: str, answer: Any) -> ModelProviderError:
-        """An error for a 2xx answer that is not what the endpoint promises."""
+        """The one error for a 2xx answer that is not what the endpoint promises."""
         return _provider_error(f"GPUStack's answer has {problem}: {str(answer)[:ERROR_SNIPPET_CHARS]}", 502, self.settings)
+
+    def reading(self, answer: Any) -> _Reading:
+        return _Reading(self, answer)
 
     def _decode(self, raw: bytes, reply: _Reply, url: str) -> Any:
         content_type = reply.headers.get("Content-Type", "")
@@ -1743,12 +1774,15 @@ class GPUStackChat(Model):
 
     def _parse_provider_response(self, response: Dict[str, Any], **kwargs: Any) -> ModelResponse:
         """A whole chat completion as an Agno ModelResponse."""
+        transport = self._transport()
         choices = response.get("choices") if isinstance(response, dict) else None
         if not choices or not isinstance(choices[0], dict):
-            transport = self._transport()
             _raise_if_error_event(response, "", transport.settings)
             raise transport.malformed("no choices", response)
-        choice = choices[0]
+        with transport.reading(response):
+            return self._completion(response, choices[0])
+
+    def _completion(self, response: Dict[str, Any], choice: Dict[str, Any]) -> ModelResponse:
         message = choice.get("message") or choice.get("delta") or {}
         result = ModelResponse(role=message.get("role") or "assistant")
         content = message.get("content")
@@ -1779,6 +1813,10 @@ class GPUStackChat(Model):
         """One stream chunk as an Agno ModelResponse (tool-call pieces stay pieces; parse_tool_calls merges them)."""
         if isinstance(response, ModelResponse):
             return response
+        with self._transport().reading(response):
+            return self._delta(response)
+
+    def _delta(self, response: Dict[str, Any]) -> ModelResponse:
         result = ModelResponse()
         choices = response.get("choices")
         if choices:
@@ -1809,6 +1847,10 @@ class GPUStackChat(Model):
 
     def parse_tool_calls(self, tool_calls_data: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Merge streamed tool-call pieces (id and name first, arguments in parts) into whole calls by ``index``."""
+        with self._transport().reading(tool_calls_data):
+            return self._merged_tool_calls(tool_calls_data)
+
+    def _merged_tool_calls(self, tool_calls_data: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         merged: Dict[int, Dict[str, Any]] = {}
         for piece in tool_calls_data:
             if not isinstance(piece, dict):
@@ -1846,9 +1888,10 @@ class GPUStackChat(Model):
             return self._complete_stream(body)
         transport = self._transport()
         answer = transport.call("POST", "completions", body, expect="choices")
-        if not answer["choices"] or not isinstance(answer["choices"][0], dict):
-            raise transport.malformed("no choices", answer)
-        return answer["choices"][0].get("text") or ""
+        with transport.reading(answer):
+            if not answer["choices"] or not isinstance(answer["choices"][0], dict):
+                raise _Malformed("no choices")
+            return str(answer["choices"][0].get("text") or "")
 
     def _completion_params(self) -> Dict[str, Any]:
         params = self.get_request_params()
@@ -1899,10 +1942,6 @@ def _check_texts(texts: Any) -> List[str]:
         if not text.strip():
             raise ValueError(f"Text {position} to embed is empty; embedding servers reject or mis-embed empty strings")
     return list(texts)
-
-
-class _Malformed(Exception):
-    """Part of a 2xx answer is not what the endpoint promises; the caller turns it into ModelProviderError."""
 
 
 def _vector(raw: Any) -> List[float]:
@@ -2032,15 +2071,13 @@ class GPUStackEmbeddings(Embedder):
     def parse_embeddings_response(self, result: Dict[str, Any]) -> List[List[float]]:
         """The vectors of an embeddings answer, in input order (servers may answer out of order)."""
         data = result.get("data") if isinstance(result, dict) else None
-        try:
+        with self._transport().reading(result):
             if not isinstance(data, list):
                 raise _Malformed("no 'data' list")
             if not all(isinstance(item, dict) and isinstance(item.get("index", 0), int) for item in data):
                 raise _Malformed("an embedding item that is not an object with a whole-number index")
             items = sorted(data, key=lambda item: item.get("index", 0))
             return [_vector(item.get("embedding")) for item in items]
-        except _Malformed as problem:
-            raise self._transport().malformed(str(problem), result) from None
 
     # -- Agno's Embedder interface: errors become EmbeddingError ------------------------
 
@@ -2236,14 +2273,15 @@ class GPUStackRerank(Reranker):
         transport = self._transport()
         answer = transport.call("POST", "rerank", body, expect="results")
         ranked = []
-        for result in answer["results"]:
-            index = result.get("index") if isinstance(result, dict) else None
-            if not isinstance(index, int) or not 0 <= index < len(texts):
-                raise transport.malformed(f"a result for document {index!r} of {len(texts)}", answer)
-            score = result.get("relevance_score", result.get("score"))
-            if isinstance(score, bool) or not isinstance(score, (int, float)):
-                raise transport.malformed(f"a result for document {index} with score {score!r}", answer)
-            ranked.append({"index": index, "relevance_score": float(score), "document": _result_text(result, texts)})
+        with transport.reading(answer):
+            for result in answer["results"]:
+                index = result.get("index") if isinstance(result, dict) else None
+                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(texts):
+                    raise _Malformed(f"a result for document {index!r} of {len(texts)}")
+                score = result.get("relevance_score", result.get("score"))
+                if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                    raise _Malformed(f"a result for document {index} with score {score!r}")
+                ranked.append({"index": index, "relevance_score": float(score), "document": _result_text(result, texts)})
         ranked.sort(key=lambda item: item["relevance_score"], reverse=True)
         return ranked[:top_n] if top_n else ranked
 
@@ -2340,7 +2378,7 @@ def list_models(
     def ids(query: Sequence[str]) -> List[Dict[str, Any]]:
         path = "models" + ("?" + urllib.parse.urlencode([("categories", c) for c in query]) if query else "")
         answer = transport.call("GET", path, expect="data")
-        return [item for item in answer["data"] if isinstance(item, dict) and "id" in item]
+        return [item for item in answer["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
     models = ids(list(categories or ()))
     found: Dict[str, List[str]] = {model["id"]: [] for model in models}

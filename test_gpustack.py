@@ -2102,3 +2102,81 @@ def test_exceeded_sse_cap_reaches_the_caller_as_a_provider_error(model, fake):
     assert caught.value.message == (
         "GPUStack's event stream is malformed: more than 1048576 bytes of comments and empty events without any data"
     )
+
+
+# Malformed answers and odd headers ########################################################################
+
+
+@pytest.mark.parametrize("item, problem", [
+    ({"index": 0}, "an embedding that is NoneType, not a list of numbers"),
+    ({"index": 0, "embedding": "!!not base64"}, "an embedding that is not valid base64"),
+    ({"index": 0, "embedding": "AAAA"}, "a base64 embedding of 3 bytes, not a whole number of float32"),
+    ({"index": 0, "embedding": ["0.1"]}, "an embedding holding '0.1', not a number"),
+    ({"index": "0", "embedding": [0.1]}, "an embedding item that is not an object with a whole-number index"),
+    ("0.1", "an embedding item that is not an object with a whole-number index"),
+])
+def test_broken_embedding_items_are_the_one_malformed_answer_error(embedder, fake, item, problem):
+    answer = {"object": "list", "data": [item]}
+    fake.on("/v1/embeddings", reply(200, answer))
+    with pytest.raises(gpustack.EmbeddingError) as caught:
+        embedder.get_embedding("text")
+    assert str(caught.value) == f"Failed to generate embedding: GPUStack's answer has {problem}: {answer}"
+    assert caught.value.provider_status_code == 502
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ({"results": [{"index": 0, "relevance_score": None}]}, "a result for document 0 with score None"),
+    ({"results": [{"index": True, "relevance_score": 1.0}]}, "a result for document True of 2"),
+    ({"results": ["0"]}, "a result for document None of 2"),
+])
+def test_broken_rerank_results_are_the_one_malformed_answer_error(reranker, fake, answer, problem):
+    fake.on("/v1/rerank", reply(200, answer))
+    with pytest.raises(ModelProviderError) as caught:
+        reranker.rerank("q", ["a", "b"])
+    assert caught.value.message == f"GPUStack's answer has {problem}: {answer}"
+
+
+@pytest.mark.parametrize("message, error", [
+    ("not an object", "AttributeError: 'str' object has no attribute 'get'"),
+    ({"content": "x", "tool_calls": "call it"}, "AttributeError: 'str' object has no attribute 'get'"),
+])
+def test_broken_chat_answers_are_the_one_malformed_answer_error(model, fake, message, error):
+    answer = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    fake.on("/v1/chat/completions", reply(200, answer))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert caught.value.message == f"GPUStack's answer has a part this client cannot read ({error}): {answer}"
+
+
+def test_broken_usage_in_a_stream_is_the_one_malformed_answer_error(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk("hi"), {"choices": [], "usage": {"prompt_tokens": "many"}}))
+    with pytest.raises(ModelProviderError, match=r"^GPUStack's answer has a part this client cannot read \(ValueError"):
+        list(model.invoke_stream(user()))
+
+
+@pytest.mark.parametrize("header", ["retry-after", "retry-after-ms"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-5", "junk", ""])
+def test_retry_after_that_is_not_a_finite_pause_falls_back_to_backoff(header, value):
+    delay = gpustack._retry_delay(0, {header: value})
+    assert delay is not None and 0.75 * gpustack.INITIAL_RETRY_DELAY <= delay <= gpustack.INITIAL_RETRY_DELAY
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "1e308"}, {"retry-after-ms": "1e308"}, {"retry-after": "121"}])
+def test_retry_after_beyond_the_cap_is_not_waited_for(headers):
+    assert gpustack._retry_delay(0, headers) is None
+
+
+def test_retry_after_nan_from_the_server_is_retried_with_backoff(model, fake):
+    fake.on("/v1/chat/completions", reply(503, b"busy", "text/plain", {"Retry-After": "nan"}), reply(200, REAL_CHAT))
+    assert model.invoke(user()).content == "Hello"
+    assert len(fake.requests) == 2
+
+
+def test_cli_exits_3_on_a_malformed_answer(fake):
+    fake.on("/v1/embeddings", reply(200, {"data": [{"index": 0}]}))
+    done = cli(fake, "embed", "-m", "m", "hi")
+    assert done.returncode == 3
+    assert done.stderr == (
+        "gpustack: error: GPUStack's answer has an embedding that is NoneType, not a list of numbers: "
+        "{'data': [{'index': 0}]}\n"
+    )
