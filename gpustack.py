@@ -1319,8 +1319,10 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T
     """An async iterator over a blocking iterator that a worker thread drives.
 
     The thread runs ahead by at most ASYNC_STREAM_BACKLOG items and hands them over in
-    batches, waking the event loop only when the consumer waits; closing or cancelling the
-    consumer aborts the request, which ends the thread.
+    batches, waking the event loop only when the consumer waits. Closing the iterator, or the
+    end of the task that consumes it, aborts the request, which ends the thread: a task
+    cancelled while it awaits something else (Agno handling a chunk) leaves this generator
+    suspended until the garbage collector finds it, and GPUStack would generate until then.
     """
     loop = asyncio.get_running_loop()
     guard = _CallGuard()
@@ -1364,6 +1366,15 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T
             if close is not None:
                 close()
 
+    def stop(*_: Any) -> None:
+        with room:
+            state["closed"] = True
+            room.notify_all()
+        guard.abort()
+
+    consumer = asyncio.current_task()
+    if consumer is not None:
+        consumer.add_done_callback(stop)
     context = contextvars.copy_context()
     _EXECUTOR.submit(context.run, produce)
     try:
@@ -1385,10 +1396,9 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T
                     raise item.error
                 yield item
     finally:
-        with room:
-            state["closed"] = True
-            room.notify_all()
-        guard.abort()
+        if consumer is not None:
+            consumer.remove_done_callback(stop)
+        stop()
 
 
 class _Failure:

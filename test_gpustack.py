@@ -622,24 +622,6 @@ def test_breaking_out_of_a_stream_closes_the_connection(model, fake):
     assert fake.client_gone.wait(5)
 
 
-def test_cancelled_async_stream_closes_the_connection(model, fake):
-    fake.on("/v1/chat/completions", _endless)
-
-    async def go():
-        async def consume():
-            async for _ in model.ainvoke_stream(user()):
-                pass
-
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(go())
-    assert fake.client_gone.wait(5)
-
-
 def test_cancelled_ainvoke_closes_the_connection(model, fake):
     def hold(h, seen):
         try:
@@ -2180,3 +2162,65 @@ def test_cli_exits_3_on_a_malformed_answer(fake):
         "gpustack: error: GPUStack's answer has an embedding that is NoneType, not a list of numbers: "
         "{'data': [{'index': 0}]}\n"
     )
+
+
+# Cancelling an async stream, wherever its task is suspended ##################################################
+
+
+def held_stream(fake: Fake, chunks: int):
+    """Sends ``chunks`` chunks, then holds the stream open until the client leaves, and notes when it did."""
+
+    def respond(h, seen):
+        if chunks:
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for _ in range(chunks):
+                raw = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n"
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+            h.wfile.flush()
+        h.connection.settimeout(10)
+        try:
+            h.connection.recv(1)
+        except OSError:
+            pass
+        fake.gone_at = time.monotonic()
+        fake.client_gone.set()
+        h.close_connection = True
+
+    return respond
+
+
+@pytest.mark.parametrize("where", ["before the first byte", "awaiting a chunk", "in the consumer's own await"])
+def test_cancelled_async_stream_closes_its_connection_at_once(model, fake, where):
+    fake.on("/v1/chat/completions", held_stream(fake, 0 if where == "before the first byte" else 1))
+    got: List[Any] = []
+
+    async def go() -> float:
+        pieces = model.ainvoke_stream(user())  # held here, so only the task's end can close it
+
+        async def consume() -> None:
+            async for piece in pieces:
+                got.append(piece)
+                if where == "in the consumer's own await":
+                    await asyncio.sleep(30)
+
+        task = asyncio.create_task(consume())
+        while not (fake.requests if where == "before the first byte" else got):
+            await asyncio.sleep(0.005)
+        task.cancel()
+        cancelled_at = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while not fake.client_gone.is_set() and time.monotonic() - cancelled_at < 2:
+            await asyncio.sleep(0.005)
+        return cancelled_at
+
+    gc.disable()
+    try:
+        cancelled_at = asyncio.run(go())
+    finally:
+        gc.enable()
+    assert fake.client_gone.is_set() and fake.gone_at - cancelled_at < 0.5
+    assert wait_for(lambda: busy_workers() == 0, 2) < 0.5
