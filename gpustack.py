@@ -22,6 +22,7 @@ import email.utils
 import http.client
 import json
 import math
+import mimetypes
 import os
 import random
 import re
@@ -1664,12 +1665,10 @@ class GPUStackChat(Model):
             formatted["tool_call_id"] = message.tool_call_id
         if message.tool_calls:
             formatted["tool_calls"] = message.tool_calls
-        if message.images:
-            from agno.utils.openai import images_to_message
-
+        media = _media_parts(message)
+        if media:
             parts: List[Any] = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
-            parts.extend(images_to_message(images=message.images))
-            formatted["content"] = parts
+            formatted["content"] = parts + media
         if formatted["content"] is None:
             formatted["content"] = ""
         elif not isinstance(formatted["content"], (str, list)):
@@ -1923,6 +1922,59 @@ class GPUStackChat(Model):
         return await _in_thread(self.complete, prompt, False, **params)
 
 
+def _media_parts(message: Message) -> List[Dict[str, Any]]:
+    """A message's images, audio and video as OpenAI-compatible content parts; files can't be sent, and say so."""
+    parts: List[Dict[str, Any]] = []
+    if message.images:
+        from agno.utils.openai import images_to_message
+
+        parts.extend(images_to_message(images=message.images))
+    if message.audio:
+        from agno.utils.openai import audio_to_message
+
+        parts.extend(audio_to_message(message.audio))  # ``input_audio``: vLLM's audio models, llama.cpp with mmproj
+    for video in message.videos or ():
+        parts.append(_video_part(video))
+    if message.files:
+        _warn_once(
+            "files",
+            f"GPUStack's chat endpoint takes no file parts: {len(message.files)} file(s) attached to a message were "
+            "not sent. Give the model their text instead (an Agno reader or knowledge base).",
+        )
+    return parts
+
+
+def _video_part(video: Any) -> Dict[str, Any]:
+    """vLLM's ``video_url`` part: a URL as it is, bytes or a file as a data URL."""
+    if video.url:
+        return {"type": "video_url", "video_url": {"url": video.url}}
+    data = video.content
+    if data is None and video.filepath:
+        try:
+            with open(video.filepath, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise ValueError(f"Cannot read the video {video.filepath}: {exc.strerror}") from None
+    if not data:
+        raise ValueError("A video attached to a message has no url, content or filepath")
+    mime = video.mime_type or (mimetypes.guess_type(f"video.{video.format}")[0] if video.format else None)
+    if mime is None and video.filepath:
+        mime = mimetypes.guess_type(str(video.filepath))[0]
+    encoded = base64.b64encode(data).decode("ascii")
+    return {"type": "video_url", "video_url": {"url": f"data:{mime or 'video/mp4'};base64,{encoded}"}}
+
+
+_WARNED: set = set()
+
+
+def _warn_once(topic: str, text: str) -> None:
+    if topic not in _WARNED:
+        _WARNED.add(topic)
+        from agno.utils.log import log_warning
+
+        log_warning(text)
+
+
 def _plain_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
     """A tool definition without Agno's own bookkeeping fields, which strict servers reject."""
     if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
@@ -2054,10 +2106,13 @@ class GPUStackEmbeddings(Embedder):
     def embed(self, input: Union[str, List[str]], timeout: Optional[float] = None) -> Dict[str, Any]:
         """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``.
 
-        ``timeout`` replaces the model's read timeout for this call only.
+        ``timeout`` is a deadline for this call only: it replaces the read timeout and there are no
+        retries, as Agno's page store expects of a per-call timeout.
         """
         transport = self._transport()
-        return self._embed(_check_texts(input), transport if timeout is None else transport.with_timeouts(timeout))
+        if timeout is not None:
+            transport = transport.with_timeouts(timeout, min(timeout, transport.settings.connect_timeout), max_retries=0)
+        return self._embed(_check_texts(input), transport)
 
     def _embed(self, texts: List[str], transport: _Transport) -> Dict[str, Any]:
         answer = transport.call("POST", "embeddings", self._body(texts), expect="data")

@@ -246,6 +246,26 @@ def model(fake, monkeypatch):
     return GPUStackChat(id="ghost-routed", base_url=fake.url, api_key="sk-test-secret-123456")
 
 
+@pytest.fixture
+def agno_log():
+    """The lines Agno's logger writes. It doesn't propagate to the root logger (so caplog can miss them):
+    a handler of our own sits on it."""
+    import logging
+
+    from agno.utils import log
+
+    lines: List[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Keep(logging.DEBUG)
+    log.logger.addHandler(handler)
+    yield lines
+    log.logger.removeHandler(handler)
+
+
 def user(text: str = "hi") -> List[Message]:
     return [Message(role="user", content=text)]
 
@@ -1032,13 +1052,11 @@ def test_http_proxy_env_is_used_and_no_proxy_respected(fake, monkeypatch):
         proxy.close()
 
 
-def test_key_never_in_retry_log_lines(model, fake, caplog):
-    import logging
-
+def test_key_never_in_retry_log_lines(model, fake, agno_log):
     fake.on("/v1/chat/completions", reply(500, {"error": {"message": "boom for sk-test-secret-123456"}}), reply(200, REAL_CHAT))
-    with caplog.at_level(logging.DEBUG):
-        model.invoke(user())
-    assert "boom" in caplog.text and "sk-test-secret-123456" not in caplog.text
+    model.invoke(user())
+    assert len(agno_log) == 1
+    assert agno_log[0].startswith(f"GPUStack: boom for *** (HTTP 500 from POST {fake.url}/v1/chat/completions). Retrying in ")
 
 
 def test_concurrent_threads_share_one_model(model, fake):
@@ -2224,3 +2242,82 @@ def test_cancelled_async_stream_closes_its_connection_at_once(model, fake, where
         gc.enable()
     assert fake.client_gone.is_set() and fake.gone_at - cancelled_at < 0.5
     assert wait_for(lambda: busy_workers() == 0, 2) < 0.5
+
+
+# Message parts ############################################################################################
+
+
+def test_audio_becomes_input_audio_parts(model, fake):
+    from agno.media import Audio
+
+    model.invoke([Message(role="user", content="what is said?", audio=[Audio(content=b"RIFF0000WAVE", format="wav")])])
+    assert fake.requests[-1].json["messages"][0]["content"] == [
+        {"type": "text", "text": "what is said?"},
+        {"type": "input_audio", "input_audio": {"data": "UklGRjAwMDBXQVZF", "format": "wav"}},
+    ]
+
+
+def test_video_becomes_vllm_video_url_parts(model, fake, tmp_path):
+    from agno.media import Video
+
+    clip = tmp_path / "clip.webm"
+    clip.write_bytes(b"\x1aE\xdf\xa3")
+    videos = [Video(url="https://example.invalid/v.mp4"), Video(filepath=str(clip)), Video(content=b"\x00\x00\x00\x18ftyp", format="mp4")]
+    model.invoke([Message(role="user", content="describe", videos=videos)])
+    assert fake.requests[-1].json["messages"][0]["content"][1:] == [
+        {"type": "video_url", "video_url": {"url": "https://example.invalid/v.mp4"}},
+        {"type": "video_url", "video_url": {"url": "data:video/webm;base64,GkXfow=="}},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAGGZ0eXA="}},
+    ]
+
+
+def test_files_that_cannot_be_sent_are_warned_about_once(model, fake, agno_log, monkeypatch):
+    from agno.media import File
+
+    monkeypatch.setattr(gpustack, "_WARNED", set())
+    for _ in range(2):
+        model.invoke([Message(role="user", content="read this", files=[File(content=b"%PDF-1.4", filename="a.pdf")])])
+    assert fake.requests[-1].json["messages"][0]["content"] == "read this"
+    assert agno_log == [
+        "GPUStack's chat endpoint takes no file parts: 1 file(s) attached to a message were not sent. "
+        "Give the model their text instead (an Agno reader or knowledge base)."
+    ]
+
+
+# Embeddings inside Agno's knowledge machinery ###########################################################
+
+
+def test_agno_page_store_check_accepts_the_embedder(embedder):
+    import inspect
+
+    # The check PageCoordinator runs for any embedder that isn't OpenAIEmbedder (agno/knowledge/page/_coordinator.py).
+    assert "timeout" in inspect.signature(embedder.get_embedding).parameters
+
+
+def test_agno_page_store_deadline_bounds_that_call_only(embedder, fake):
+    from types import SimpleNamespace
+
+    from agno.knowledge.page._coordinator import PageCoordinator
+    from agno.utils.bounded import WorkBudget
+
+    def slow(h, seen):
+        time.sleep(1.0)
+        echo_embedder()(h, seen)
+
+    fake.on("/v1/embeddings", slow)
+    store = SimpleNamespace(vector=SimpleNamespace(embedder=embedder, dimensions=3))
+    started = time.monotonic()
+    with pytest.raises(gpustack.EmbeddingError, match=r"within timeout=0\.2\d*s"):
+        PageCoordinator._embeddings(store, ["a"], WorkBudget(0.3))  # Agno passes timeout=min(30, budget left)
+    assert time.monotonic() - started < 0.8 and len(fake.requests) == 1  # a deadline: no retries
+    assert len(embedder.get_embedding("b")) == 3  # the model's own timeout is unchanged
+
+
+def test_dimensions_probe_of_an_unreachable_server_fails_fast_and_says_what_to_set(unreachable):
+    embeddings = gpustack.GPUStackEmbeddings(id="bge-m3", base_url=unreachable, connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ModelProviderError) as caught:
+        embeddings.dimensions
+    assert time.monotonic() - started < 1.5
+    assert caught.value.message.startswith("Cannot learn the embedding size of 'bge-m3' from GPUStack within 0.3s: Could not connect")
+    assert caught.value.message.endswith("Set dimensions=N on GPUStackEmbeddings to skip this probe.")
