@@ -1480,8 +1480,10 @@ def test_cli_ctrl_c_while_streaming_exits_130_and_closes_connection(fake):
 
     fake.on("/v1/chat/completions", _endless)
     env = {**os.environ, "GPUSTACK_SERVER_URL": fake.url}
+    # A shell's background job (CI, `pytest &`) starts with SIGINT ignored, and children inherit that.
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gpustack.py"), "chat", "-m", "m", "hi"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.read(3) == b"tok"
         proc.send_signal(signal.SIGINT)
