@@ -642,26 +642,29 @@ def test_breaking_out_of_a_stream_closes_the_connection(model, fake):
     assert fake.client_gone.wait(5)
 
 
-def test_cancelled_ainvoke_closes_the_connection(model, fake):
+def test_cancelled_ainvoke_closes_the_connection_at_once(model, fake):
     def hold(h, seen):
         try:
             h.connection.settimeout(5)
-            if h.connection.recv(1) == b"":
-                fake.client_gone.set()
+            h.connection.recv(1)
         except OSError:
-            fake.client_gone.set()
+            pass
+        fake.gone_at = time.monotonic()
+        fake.client_gone.set()
 
     fake.on("/v1/chat/completions", hold)
 
-    async def go():
+    async def go() -> float:
         task = asyncio.create_task(model.ainvoke(user()))
-        await asyncio.sleep(0.2)
+        while not fake.requests:
+            await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        return time.monotonic()
 
-    asyncio.run(go())
-    assert fake.client_gone.wait(5)
+    cancelled_at = asyncio.run(go())
+    assert fake.client_gone.wait(2) and fake.gone_at - cancelled_at < 0.5
 
 
 def test_64_concurrent_ainvoke_calls_are_in_flight_together(model, fake):
@@ -1787,6 +1790,9 @@ def test_forked_children_never_read_the_parents_answers(fake, monkeypatch):
                 process.join()
     assert [process.exitcode for process in processes] == [0] * children
     assert model.invoke(user("after")).content == "after"
+    # The children dropped their copy of the parent's idle connection without cutting it: the parent kept
+    # using it, and each child opened one of its own.
+    assert fake.connections == 1 + children
     # Each call arrived once and whole: no request was mangled by another process's bytes, none resent.
     assert sorted(seen.json["messages"][-1]["content"] for seen in fake.requests) == sorted(
         ["warm-up", "after"] + [f"{name}-{r}" for name in ["parent", "child0", "child1", "child2"] for r in range(rounds)]
@@ -2323,3 +2329,38 @@ def test_dimensions_probe_of_an_unreachable_server_fails_fast_and_says_what_to_s
     assert time.monotonic() - started < 1.5
     assert caught.value.message.startswith("Cannot learn the embedding size of 'bge-m3' from GPUStack within 0.3s: Could not connect")
     assert caught.value.message.endswith("Set dimensions=N on GPUStackEmbeddings to skip this probe.")
+
+
+def test_send_failing_on_a_reused_idle_connection_goes_out_once_on_a_new_one(fake, monkeypatch):
+    # The server closed the idle connection after the liveness check passed (a race the check can't close):
+    # writing the body fails, so nothing reached the server, and the request goes out on a fresh connection.
+    def once_then_close(h, seen):
+        send(h, 200, REAL_CHAT)
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", once_then_close)
+    model = GPUStackChat(id="m", base_url=fake.url, max_retries=0)
+    model.invoke(user())
+    assert fake.closed.acquire(timeout=5)
+    monkeypatch.setattr(gpustack, "_still_open", lambda conn: True)
+    assert model.invoke(user("x" * 100_000)).content == "Hello"
+    assert len(fake.requests) == 2 and fake.connections == 2
+
+
+def test_async_stream_reader_runs_at_most_the_backlog_ahead(model, fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "ASYNC_STREAM_BACKLOG", 8)
+    body = b"".join(b"data: " + json.dumps(chunk(str(n))).encode() + b"\n\n" for n in range(3000)) + b"data: [DONE]\n\n"
+    fake.on("/v1/chat/completions", stream(body))
+    parsed = []
+    real = GPUStackChat._parse_provider_response_delta
+    monkeypatch.setattr(GPUStackChat, "_parse_provider_response_delta", lambda self, c: parsed.append(1) or real(self, c))
+
+    async def go() -> int:
+        pieces = model.ainvoke_stream(user())
+        await pieces.__anext__()
+        await asyncio.sleep(0.3)  # a consumer busy elsewhere: the reader must wait for it
+        ahead = len(parsed)
+        await pieces.aclose()
+        return ahead
+
+    assert asyncio.run(go()) <= 2 * 8 + 2  # one batch handed over, one backlog waiting, one in hand
