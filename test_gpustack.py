@@ -2364,3 +2364,19 @@ def test_async_stream_reader_runs_at_most_the_backlog_ahead(model, fake, monkeyp
         return ahead
 
     assert asyncio.run(go()) <= 2 * 8 + 2  # one batch handed over, one backlog waiting, one in hand
+
+
+# Inside AgentOS ###########################################################################################
+
+
+def test_agent_rebuilt_from_config_uses_the_registered_gpustack_model(model, fake):
+    from agno.agent import Agent
+    from agno.registry import Registry
+
+    config = Agent(name="assistant", model=model).to_dict()
+    assert "sk-test-secret" not in json.dumps(config, default=str)
+    rebuilt = Agent.from_dict(config, registry=Registry(models=[model]))
+    assert rebuilt.model is model
+    assert rebuilt.run("hi").content == "Hello"
+    with pytest.raises(ValueError, match="Model provider 'gpustack' is not supported"):
+        Agent.from_dict(config)

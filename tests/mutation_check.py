@@ -1,0 +1,176 @@
+"""Does the suite notice when a safeguard is removed? For each safeguard in gpustack.py, copy the
+module with that safeguard disabled, run the suite against the copy, and list the survivors.
+
+    python tests/mutation_check.py            # every mutant, one after another (about 10-20 minutes)
+    python tests/mutation_check.py fork sse   # only mutants whose name contains one of these words
+
+Not part of CI: it takes too long. Exit code 1 if any mutant survived.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, text in gpustack.py, what replaces it). Each text must occur exactly once.
+MUTANTS: List[Tuple[str, str, str]] = [
+    ("fork: child starts clean",
+     "    os.register_at_fork(after_in_child=_start_clean_after_fork)",
+     "    pass"),
+    ("fork: inherited connections dropped without shutdown",
+     "        idle, self._idle, self._lock = self._idle, {}, threading.Lock()\n        for conns in idle.values():\n            for conn, _ in conns:\n                conn.close()",
+     "        idle, self._idle, self._lock = self._idle, {}, threading.Lock()\n        for conns in idle.values():\n            for conn, _ in conns:\n                conn.sock.shutdown(socket.SHUT_RDWR)\n                conn.close()"),
+    ("resend: a request whose answer was lost is sent again silently",
+     "                resp = conn.getresponse()\n",
+     "                try:\n                    resp = conn.getresponse()\n                except _STALE_ERRORS:\n                    conn.close()\n                    if reused:\n                        continue\n                    raise\n"),
+    ("resend: an unsent request on a dead idle connection goes out again",
+     "                    conn.close()\n                    continue  # the server had closed this idle connection",
+     "                    raise\n                    continue  # the server had closed this idle connection"),
+    ("stale idle connection detected before reuse",
+     "            if now - since < POOL_MAX_IDLE_SECONDS and _still_open(conn):",
+     "            if now - since < POOL_MAX_IDLE_SECONDS:"),
+    ("liveness check with poll, not select",
+     "            poller = select.poll()\n            poller.register(sock, select.POLLIN)\n            return bool(poller.poll(0))",
+     "            return bool(select.select([sock], [], [], 0)[0])"),
+    ("connect timeout of its own",
+     "    conn.timeout = conn.connect_timeout  # type: ignore[attr-defined]",
+     "    conn.timeout = conn.timeout"),
+    ("connect timeout message",
+     "    if isinstance(reason, _ConnectTimeout):",
+     "    if False:"),
+    ("cancel reaches a connecting socket",
+     "            if guard is not None:\n                guard.attach(sock)\n            sock.settimeout(timeout)",
+     "            sock.settimeout(timeout)"),
+    ("socket shutdown on cancel",
+     "                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked connect, send or read in the worker",
+     "                pass"),
+    ("plain-HTTP proxy keeps its credentials",
+     '        if tunnel and "Proxy-Authorization" in headers:',
+     '        if "Proxy-Authorization" in headers:'),
+    ("CONNECT proxy credentials stay off the tunnelled request",
+     '        if tunnel and "Proxy-Authorization" in headers:',
+     '        if False:'),
+    ("SSE line cap",
+     "            if self._held_bytes > MAX_SSE_LINE_BYTES:",
+     "            if False:"),
+    ("SSE event cap",
+     "            if self._size > MAX_SSE_EVENT_BYTES:",
+     "            if False:"),
+    ("SSE no-data cap",
+     "        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:",
+     "        if False:"),
+    ("SSE no-data cap counts only lines without data",
+     "            self._silent = 0\n            self._size += len(value)",
+     "            self._size += len(value)"),
+    ("malformed answers through the one helper",
+     "        if kind is not None and issubclass(kind, _SHAPE_ERRORS):",
+     "        if False:"),
+    ("Retry-After only when finite",
+     "    return number if number is not None and math.isfinite(number) else None",
+     "    return number"),
+    ("Retry-After cap",
+     "    if asked is not None and asked > MAX_RETRY_AFTER:",
+     "    if False:"),
+    ("no retry for client errors",
+     "    if status in _NO_RETRY_STATUSES:\n        return False",
+     "    pass"),
+    ("no retry for a backend 4xx wrapped in a 503",
+     "    if status == 503 and _BACKEND_4XX.search(message):\n        return False  # GPUStack wraps",
+     "    if False:\n        return False  # GPUStack wraps"),
+    ("no retry for a bad certificate",
+     "    return not isinstance(reason, ssl.SSLCertVerificationError)",
+     "    return True"),
+    ("redirects refused",
+     "            for part in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), handler):",
+     "            for part in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), handler, urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):"),
+    ("key redaction",
+     '        text = text.replace(secret, "***")',
+     "        pass"),
+    ("CLI exit 3 for server errors",
+     "        return EXIT_CONNECTION if getattr(error, \"no_answer\", False) else EXIT_SERVER",
+     "        return EXIT_USAGE"),
+    ("async stream tied to its task",
+     "        consumer.add_done_callback(stop)",
+     "        pass"),
+    ("bounded async backlog",
+     '            while len(items) >= ASYNC_STREAM_BACKLOG and not state["closed"]:',
+     "            while False:"),
+    ("executor cap",
+     "            if self._idle >= len(self._queue) or self.threads >= self.max_workers:",
+     "            if self._idle >= len(self._queue):"),
+    ("executor bookkeeping when a thread fails to start",
+     "            self._unstarted(item)\n",
+     "            pass\n"),
+    ("settings validated at construction",
+     "        self._transport()  # every setting is checked now, not at the first call\n\n    # -- transport",
+     "        pass\n\n    # -- transport"),
+    ("settings built once",
+     "    if cached is not None and cached[0] == key:",
+     "    if False:"),
+    ("URL credentials refused",
+     '    if "@" in parts.netloc:',
+     "    if False:"),
+    ("per-call embedding deadline",
+     "            transport = transport.with_timeouts(timeout, min(timeout, transport.settings.connect_timeout), max_retries=0)",
+     "            pass"),
+    ("dimensions probe bounded by the connect timeout",
+     "            answer = self._embed([\"dimension probe\"], self._transport().with_timeouts(limit, limit, max_retries=0))",
+     "            answer = self._embed([\"dimension probe\"], self._transport())"),
+    ("audio parts sent",
+     "        parts.extend(audio_to_message(message.audio))",
+     "        pass"),
+    ("video parts sent",
+     "        parts.append(_video_part(video))",
+     "        pass"),
+    ("files warned about",
+     '        _warn_once(\n            "files",',
+     '        (lambda *_: None)(\n            "files",'),
+]
+
+
+def run(name: str, source: str, limit: float) -> Tuple[bool, str, float]:
+    """(killed, the first failing test or '', seconds) for one mutant."""
+    with tempfile.TemporaryDirectory(prefix="gpustack-mutant-") as work:
+        with open(os.path.join(work, "gpustack.py"), "w", encoding="utf-8") as handle:
+            handle.write(source)
+        for name_ in ("test_gpustack.py", "conftest.py"):
+            shutil.copy(os.path.join(ROOT, name_), work)
+        env = {**os.environ, "GPUSTACK_TEST_TIMEOUT": "20", "PYTHONDONTWRITEBYTECODE": "1"}
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "error::ResourceWarning",
+             "test_gpustack.py"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=limit,
+        )
+        seconds = time.monotonic() - started
+    failed = [line.split(" ")[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return done.returncode != 0, (failed[0].split("::")[-1] if failed else ""), seconds
+
+
+def main(argv: List[str]) -> int:
+    with open(os.path.join(ROOT, "gpustack.py"), encoding="utf-8") as handle:
+        original = handle.read()
+    chosen = [m for m in MUTANTS if not argv or any(word in m[0] for word in argv)]
+    survivors = []
+    print(f"{'safeguard disabled':58} {'result':8} {'s':>5}  first failing test")
+    for name, text, replacement in chosen:
+        count = original.count(text)
+        if count != 1:
+            print(f"{name:58} {'STALE':8} {'':>5}  the text to mutate occurs {count} times; update MUTANTS")
+            survivors.append(name)
+            continue
+        killed, test, seconds = run(name, original.replace(text, replacement), limit=900)
+        print(f"{name:58} {'killed' if killed else 'SURVIVED':8} {seconds:5.0f}  {test}", flush=True)
+        if not killed:
+            survivors.append(name)
+    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} mutants killed" + (f"; survivors: {survivors}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
