@@ -40,9 +40,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import (
     Any,
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Dict,
+    Generator,
     Iterable,
     Iterator,
     List,
@@ -551,7 +553,7 @@ class _Reply:
         self.reason = resp.reason
         self.headers = resp.headers
         self._resp = resp
-        self._conn = conn
+        self._conn: Optional[http.client.HTTPConnection] = conn
         self._pool = pool
         self._key = key
         self._guard: Optional[_CallGuard] = guard
@@ -624,7 +626,7 @@ def _open_socket(address: Tuple[str, int], timeout: Any = None, source_address: 
     guard = _GUARD.get()
     host, port = address
     error: Optional[OSError] = None
-    for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
         sock = socket.socket(family, kind, proto)
         try:
             if guard is not None:
@@ -684,7 +686,7 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         http.client.HTTPConnection.connect(self)  # TCP, and the proxy's CONNECT tunnel if any
         guard = _GUARD.get()
         self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
-            self.sock, server_hostname=self._tunnel_host or self.host, do_handshake_on_connect=False
+            self.sock, server_hostname=getattr(self, "_tunnel_host", None) or self.host, do_handshake_on_connect=False
         )
         if guard is not None:
             guard.attach(self.sock)  # the handshake, too, ends at once when the task is cancelled
@@ -838,11 +840,10 @@ class _Reading:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
         if kind is not None and issubclass(kind, _SHAPE_ERRORS):
             problem = str(exc) if kind is _Malformed else f"a part this client cannot read ({kind.__name__}: {exc})"
             raise self._transport.malformed(problem, self._answer) from None
-        return False
 
 
 class _Transport:
@@ -974,7 +975,7 @@ class _Transport:
             self.settings,
         )
 
-    def stream(self, path: str, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    def stream(self, path: str, body: Dict[str, Any]) -> Generator[Dict[str, Any], None, None]:
         """The JSON objects of an event stream, each as soon as its line arrives.
 
         Raises ModelProviderError for an error event, a data line that is not JSON, and a
@@ -1316,7 +1317,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
-async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
     """An async iterator over a blocking iterator that a worker thread drives.
 
     The thread runs ahead by at most ASYNC_STREAM_BACKLOG items and hands them over in
@@ -1329,7 +1330,7 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T
     guard = _CallGuard()
     items: "collections.deque[Any]" = collections.deque()
     room = threading.Condition(threading.Lock())
-    state = {"waiter": None, "done": False, "error": None, "closed": False}
+    state: Dict[str, Any] = {"waiter": None, "closed": False}
     _END = object()
 
     def wake(waiter: "asyncio.Future[None]") -> None:
@@ -1654,9 +1655,9 @@ class GPUStackChat(Model):
     def _format_message(self, message: Union[Message, Dict[str, Any]], compress_tool_results: bool = False) -> Dict[str, Any]:
         """One message in OpenAI chat format; the system role stays ``system``."""
         if isinstance(message, dict):
-            formatted = dict(message)
-            formatted["role"] = _ROLES.get(str(formatted.get("role")), formatted.get("role"))
-            return formatted
+            plain = dict(message)
+            plain["role"] = _ROLES.get(str(plain.get("role")), plain.get("role"))
+            return plain
         content = message.get_content(use_compressed_content=compress_tool_results)
         formatted: Dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": content}
         if message.name:
@@ -1919,7 +1920,7 @@ class GPUStackChat(Model):
         if stream:
             body_iter = self.complete(prompt, stream=True, **params)
             return _iterate_in_thread(lambda: iter(body_iter))  # type: ignore[arg-type]
-        return await _in_thread(self.complete, prompt, False, **params)
+        return await _in_thread(self.complete, prompt, False, **params)  # type: ignore[arg-type]
 
 
 def _media_parts(message: Message) -> List[Dict[str, Any]]:
@@ -2062,6 +2063,12 @@ class GPUStackEmbeddings(Embedder):
         self._client_cache: Optional[Tuple[Any, _Transport]] = None
         self._transport()
 
+    def _set_dimensions(self, value: Optional[int]) -> None:
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
+        self._dimensions: Optional[int] = value
+        self._learned = False
+
     def _get_dimensions(self) -> Optional[int]:
         if self._dimensions is None:
             self._dimensions = self._probe_dimensions()
@@ -2082,12 +2089,6 @@ class GPUStackEmbeddings(Embedder):
             )
             raise
         return len(self.parse_embeddings_response(answer)[0])
-
-    def _set_dimensions(self, value: Optional[int]) -> None:
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
-        self._dimensions = value
-        self._learned = False
 
     def _transport(self) -> _Transport:
         return _client_of(self, "GPUStackEmbeddings")
@@ -2337,7 +2338,7 @@ class GPUStackRerank(Reranker):
         body.update(self.request_params or {})
         transport = self._transport()
         answer = transport.call("POST", "rerank", body, expect="results")
-        ranked = []
+        ranked: List[Dict[str, Any]] = []
         with transport.reading(answer):
             for result in answer["results"]:
                 index = result.get("index") if isinstance(result, dict) else None
