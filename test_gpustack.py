@@ -2380,3 +2380,18 @@ def test_agent_rebuilt_from_config_uses_the_registered_gpustack_model(model, fak
     assert rebuilt.run("hi").content == "Hello"
     with pytest.raises(ValueError, match="Model provider 'gpustack' is not supported"):
         Agent.from_dict(config)
+
+
+def test_idle_connection_closed_by_the_server_is_not_used_for_a_get(fake, agno_log):
+    # A GET is one write, which succeeds even on a connection the server closed: only the liveness
+    # check before reuse keeps it off a dead connection (and out of a retry).
+    def models_then_close(h, seen):
+        models_route(h, seen)
+        h.close_connection = True
+
+    fake.on("/v1/models", models_then_close)
+    transport = gpustack._Transport(gpustack._settings(fake.url, None, None, 0, None, None))
+    for _ in range(3):
+        assert len(transport.call("GET", "models", expect="data")["data"]) == 3
+        assert fake.closed.acquire(timeout=5)
+    assert agno_log == [] and len(fake.requests) == 3 and fake.connections == 3
