@@ -152,6 +152,46 @@ class Limit:
         return data
 
 
+def thin_model(port: int):
+    """The limit for Agent.run: the thinnest Agno Model, over one persistent http.client connection."""
+    from dataclasses import dataclass
+
+    from agno.models.base import Model
+    from agno.models.response import ModelResponse
+
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @dataclass
+    class Thin(Model):
+        id: str = "m"
+        name: str = "Thin"
+        provider: str = "Thin"
+
+        def invoke(self, messages: Any, assistant_message: Any = None, **_: Any) -> ModelResponse:
+            body = json.dumps({"model": self.id, "messages": [{"role": m.role, "content": m.content} for m in messages]})
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            return self._parse_provider_response(json.loads(conn.getresponse().read()))
+
+        def _parse_provider_response(self, response: Any, **_: Any) -> ModelResponse:
+            return ModelResponse(role="assistant", content=response["choices"][0]["message"]["content"])
+
+        async def ainvoke(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def invoke_stream(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        async def ainvoke_stream(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def _parse_provider_response_delta(self, response: Any) -> Any:
+            raise NotImplementedError
+
+    return Thin()
+
+
 def ours(port: int):
     from gpustack import GPUStackChat, GPUStackEmbeddings
 
@@ -285,11 +325,12 @@ def run(quick: bool) -> List[Dict[str, Any]]:
 
     from agno.agent import Agent
 
-    agent_o, agent_p = Agent(model=our_chat), Agent(model=peer_chat)
+    agent_o, agent_p, agent_l = Agent(model=our_chat), Agent(model=peer_chat), Agent(model=thin_model(port))
     wall_o, cpu_o = per_call(lambda: agent_o.run("hi"), calls // 3)
     wall_p, cpu_p = per_call(lambda: agent_p.run("hi"), calls // 3)
-    row("Agent.run one turn: median wall", "ms", wall_o * 1e3, wall_p * 1e3, None)
-    row("Agent.run one turn: CPU", "ms", cpu_o * 1e3, cpu_p * 1e3, None)
+    wall_l, cpu_l = per_call(lambda: agent_l.run("hi"), calls // 3)
+    row("Agent.run one turn: median wall", "ms", wall_o * 1e3, wall_p * 1e3, wall_l * 1e3)
+    row("Agent.run one turn: CPU", "ms", cpu_o * 1e3, cpu_p * 1e3, cpu_l * 1e3)
 
     text = f"chunks:{chunks}"
     row("stream sync: CPU per chunk", "us", cpu_of(lambda: consume(our_chat, text)) / chunks * 1e6,

@@ -56,7 +56,7 @@ from typing import (
     Union,
 )
 
-from agno.exceptions import EmbeddingError, ModelProviderError
+from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelProviderError
 from agno.knowledge.document import Document
 from agno.knowledge.embedder.base import Embedder, aembed_texts_individually, pad_batch_embeddings, raise_embedding_error
 from agno.knowledge.reranker.base import Reranker
@@ -273,6 +273,95 @@ def _validation_item(item: Any) -> str:
     return str(item)
 
 
+# Where each backend's context window is raised, in the model's Backend Parameters on GPUStack.
+_CONTEXT_FLAGS = {"vLLM": "--max-model-len", "SGLang": "--context-length", "llama.cpp": "--ctx-size"}
+
+# (backend, pattern, group of the limit, group of the prompt's tokens) for each known wording.
+_CONTEXT_WORDINGS = [
+    ("llama.cpp", re.compile(r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)"), 2, 1),
+    ("llama.cpp", re.compile(r"exceeds the available context size"), 0, 0),
+    ("SGLang", re.compile(r"The input \((\d+) tokens\) is longer than the model's context length \((\d+) tokens\)"), 2, 1),
+    ("SGLang", re.compile(r"Input length \((\d+) tokens\) exceeds the maximum allowed length \((\d+) tokens\)"), 2, 1),
+    ("SGLang", re.compile(r"Requested token count exceeds the model's maximum context length of (\d+) tokens"), 1, 0),
+    ("vLLM", re.compile(r"The decoder prompt \(length (\d+)\) is longer than the maximum model length of (\d+)"), 2, 1),
+    ("vLLM", re.compile(r"The prompt \(total length (\d+)\) is too long to fit into the model \(context length (\d+)\)"), 2, 1),
+    ("vLLM", re.compile(r"maximum context length is (\d+) tokens"), 1, 0),
+]
+_VLLM_PROMPT_TOKENS = re.compile(r"(\d+) in the messages|has (\d+) input tokens|contains at least (\d+) input tokens")
+
+
+def _context_overflow(words: str, code: Optional[str]) -> Optional[Tuple[str, Optional[int], Optional[int]]]:
+    """(backend, context limit, prompt tokens) when the server says the request doesn't fit the context window."""
+    if code == "exceed_context_size_error" and "context size" not in words:
+        return ("llama.cpp", None, None)
+    for backend, pattern, limit_at, prompt_at in _CONTEXT_WORDINGS:
+        found = pattern.search(words)
+        if found is None:
+            continue
+        limit = int(found[limit_at]) if limit_at else None
+        prompt = int(found[prompt_at]) if prompt_at else None
+        if prompt is None and backend == "vLLM":
+            more = _VLLM_PROMPT_TOKENS.search(words)
+            prompt = int(next(group for group in more.groups() if group)) if more else None
+        return (backend, limit, prompt)
+    return None
+
+
+def _context_hint(backend: str, limit: Optional[int], prompt: Optional[int]) -> str:
+    sizes = ", ".join(part for part in (f"limit {limit} tokens" if limit else "", f"prompt {prompt} tokens" if prompt else "") if part)
+    default = "; GPUStack starts vLLM at 8192 unless it is set" if backend == "vLLM" else ""
+    return (
+        f"The request is longer than the model's context window{f' ({sizes})' if sizes else ''}: shorten the input "
+        f"or lower max_tokens, or raise the limit in the model's Backend Parameters on GPUStack "
+        f"({_CONTEXT_FLAGS[backend]} for {backend}{default})."
+    )
+
+
+# Deployments that lack a backend parameter a request needs: (words, what to change). Never retried.
+_DEPLOYMENT_FIXES = [
+    ('"auto" tool choice requires --enable-auto-tool-choice',
+     "The model was deployed without tool calling: add `--enable-auto-tool-choice --tool-call-parser=<parser>` to its "
+     "Backend Parameters on GPUStack (e.g. `hermes` for Qwen)."),
+    ("tools param requires --jinja",
+     "The model was deployed without tool calling: add `--jinja` to its Backend Parameters on GPUStack."),
+    ("Unsupported tool_call_parser: None",
+     "The model was deployed without tool calling: add `--tool-call-parser=<parser>` to its Backend Parameters on "
+     "GPUStack (e.g. `qwen25` for Qwen)."),
+    ("not supported by xgrammar",
+     "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
+    ("Failed to transform json schema",
+     "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
+    ("The model does not support",
+     "The model is deployed for another task than this request's (see its category in GPUStack, or list_models())."),
+]
+
+
+def _deployment_fix(words: str) -> Optional[str]:
+    for needle, fix in _DEPLOYMENT_FIXES:
+        if needle in words:
+            return fix
+    return None
+
+
+_WRAPPED = re.compile(r"Worker request failed:.*? status=(\d{3}), error=(.*)", re.S)
+
+
+def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str]]]:
+    """GPUStack's 503 around a backend's error: the backend's (status, words, code), when its body parses."""
+    found = _WRAPPED.search(words) if status == 503 else None
+    if found is None:
+        return None
+    inner = found[2].strip()
+    try:
+        parsed = json.loads(inner)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    inner_words, inner_code = _error_text(inner.encode())
+    return int(found[1]), inner_words, inner_code
+
+
 def _error_hint(status: int, message: str, settings: _Settings, location: Optional[str] = None) -> str:
     """What the user can do about an HTTP error, in one sentence."""
     lowered = message.lower()
@@ -301,9 +390,11 @@ def _error_hint(status: int, message: str, settings: _Settings, location: Option
     return ""
 
 
-def _provider_error(message: str, status: int, settings: _Settings) -> ModelProviderError:
+def _provider_error(
+    message: str, status: int, settings: _Settings, kind: Type[ModelProviderError] = ModelProviderError
+) -> ModelProviderError:
     """The one way this module builds an error: Agno's type, classified, key-free."""
-    error = ModelProviderError(
+    error = kind(
         message=_redact(message, settings.api_key),
         status_code=status,
         model_name=settings.model_name,
@@ -312,14 +403,36 @@ def _provider_error(message: str, status: int, settings: _Settings) -> ModelProv
     return ModelProviderError.classify(error)
 
 
+def _server_error(status: int, words: str, code: Optional[str], where: str, settings: _Settings,
+                  location: Optional[str] = None, path: str = "") -> Tuple[ModelProviderError, Optional[bool]]:
+    """The error for what a server said, with the fix when the words tell it, and whether a retry may help
+    (None: the status decides). Used for HTTP answers and for errors inside streams alike."""
+    wrapped = _unwrapped(status, words)
+    if wrapped is not None:
+        backend_status, words, code = wrapped
+        where = f"HTTP {backend_status} from the model's backend, relayed by GPUStack as {where}"
+        status = backend_status
+    shown = f"{words} ({where}" + (f", code {code}" if code else "") + ")."
+    overflow = _context_overflow(words, code)
+    if overflow is not None:
+        return _provider_error(f"{shown} {_context_hint(*overflow)}", status, settings, ContextWindowExceededError), False
+    fix = _deployment_fix(words)
+    if fix is None and status == 404 and words == "Not Found" and path in ("rerank", "embeddings"):
+        fix = (f"The model's backend has no /v1/{path}: the model is probably deployed for another task (see its "
+               "category in GPUStack, or list_models()), or base_url is not the GPUStack server.")
+    if fix is not None:
+        return _provider_error(f"{shown} {fix}", status, settings), False
+    hint = _error_hint(status, words, settings, location)
+    return _provider_error(f"{shown} {hint}".rstrip(), status, settings), None
+
+
 def _http_error(
-    status: int, reason: str, headers: Any, body: bytes, method: str, url: str, settings: _Settings
-) -> ModelProviderError:
+    status: int, reason: str, headers: Any, body: bytes, method: str, url: str, settings: _Settings, path: str = ""
+) -> Tuple[ModelProviderError, Optional[bool]]:
     words, code = _error_text(body, headers.get("Content-Type", "") if headers is not None else "")
     words = words or f"HTTP {status} {reason}".strip()
-    hint = _error_hint(status, words, settings, headers.get("Location") if headers is not None else None)
-    where = f"HTTP {status} from {method} {_redact_url(url)}" + (f", code {code}" if code else "")
-    return _provider_error(f"{words} ({where}). {hint}".rstrip(), status, settings)
+    location = headers.get("Location") if headers is not None else None
+    return _server_error(status, words, code, f"HTTP {status} from {method} {_redact_url(url)}", settings, location, path)
 
 
 def _connection_error(exc: BaseException, method: str, url: str, settings: _Settings) -> ModelProviderError:
@@ -356,11 +469,13 @@ def _connection_error(exc: BaseException, method: str, url: str, settings: _Sett
     return error
 
 
-def _should_retry(status: int, message: str, headers: Any) -> bool:
-    """Whether an HTTP error can succeed on a second try."""
+def _should_retry(status: int, message: str, headers: Any, diagnosed: Optional[bool] = None) -> bool:
+    """Whether an HTTP error can succeed on a second try; ``diagnosed`` is what the server's words told."""
     verdict = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
     if verdict in ("true", "false"):
         return verdict == "true"
+    if diagnosed is not None:
+        return diagnosed
     if status in _NO_RETRY_STATUSES:
         return False
     if status == 503 and _BACKEND_4XX.search(message):
@@ -910,8 +1025,9 @@ class _Transport:
                 except (OSError, http.client.HTTPException):
                     raw = b""
                 reply.close()
-                error = _http_error(reply.status, reply.reason, reply.headers, raw, method, url, settings)
-                retry = _should_retry(reply.status, error.message, reply.headers)
+                error, diagnosed = _http_error(reply.status, reply.reason, reply.headers, raw, method, url, settings,
+                                               path.split("?")[0])
+                retry = _should_retry(error.status_code, error.message, reply.headers, diagnosed)
                 delay = _retry_delay(attempt, reply.headers) if retry else None
             if attempt >= settings.max_retries or delay is None:
                 raise error
@@ -1064,8 +1180,7 @@ def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> N
             if isinstance(candidate, int) and 400 <= candidate < 600:
                 status = candidate
                 break
-        suffix = f" (code {code})" if code else ""
-        raise _provider_error(f"Error inside the stream: {words}{suffix}", status, settings)
+        raise _server_error(status, f"Error inside the stream: {words}", code, "in an answer", settings)[0]
 
 
 def _has_finish_reason(chunk: Dict[str, Any]) -> bool:

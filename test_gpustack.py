@@ -152,12 +152,13 @@ class Fake:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         # Our own accept loop instead of serve_forever's polling: close() wakes it at once.
         self._wake, self._waker = socket.socketpair()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        # The descriptor, not the socket object: tls_fake wraps the socket (same descriptor) after this.
+        self.thread = threading.Thread(target=self._serve, args=(self.server.socket.fileno(),), daemon=True)
         self.thread.start()
 
-    def _serve(self) -> None:
+    def _serve(self, listening: int) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self.server.socket.fileno(), selectors.EVENT_READ)
+            selector.register(listening, selectors.EVENT_READ)
             selector.register(self._wake, selectors.EVENT_READ)
             while True:
                 ready = [key.fileobj for key, _ in selector.select()]
@@ -2305,7 +2306,7 @@ def test_agno_page_store_check_accepts_the_embedder(embedder):
 def test_agno_page_store_deadline_bounds_that_call_only(embedder, fake):
     from types import SimpleNamespace
 
-    from agno.knowledge.page._coordinator import PageCoordinator
+    from agno.knowledge.page._coordinator import PageCoordinator, _is_openai_embedder
     from agno.utils.bounded import WorkBudget
 
     def slow(h, seen):
@@ -2314,6 +2315,7 @@ def test_agno_page_store_deadline_bounds_that_call_only(embedder, fake):
 
     fake.on("/v1/embeddings", slow)
     store = SimpleNamespace(vector=SimpleNamespace(embedder=embedder, dimensions=3))
+    _is_openai_embedder(embedder)  # its first call imports the openai SDK, if installed: not part of the budget
     started = time.monotonic()
     with pytest.raises(gpustack.EmbeddingError, match=r"within timeout=0\.2\d*s"):
         PageCoordinator._embeddings(store, ["a"], WorkBudget(0.3))  # Agno passes timeout=min(30, budget left)
