@@ -290,9 +290,12 @@ _CONTEXT_WORDINGS = [
 _VLLM_PROMPT_TOKENS = re.compile(r"(\d+) in the messages|has (\d+) input tokens|contains at least (\d+) input tokens")
 
 
-def _context_overflow(words: str, code: Optional[str]) -> Optional[Tuple[str, Optional[int], Optional[int]]]:
-    """(backend, context limit, prompt tokens) when the server says the request doesn't fit the context window."""
-    if code == "exceed_context_size_error" and "context size" not in words:
+def _context_overflow(words: str, raw: str) -> Optional[Tuple[str, Optional[int], Optional[int]]]:
+    """(backend, context limit, prompt tokens) when the server says the request doesn't fit the context window.
+
+    ``raw`` is the whole error body: llama.cpp names the error by its ``type``, whatever its words.
+    """
+    if "exceed_context_size_error" in raw and "context size" not in words:
         return ("llama.cpp", None, None)
     for backend, pattern, limit_at, prompt_at in _CONTEXT_WORDINGS:
         found = pattern.search(words)
@@ -346,8 +349,8 @@ def _deployment_fix(words: str) -> Optional[str]:
 _WRAPPED = re.compile(r"Worker request failed:.*? status=(\d{3}), error=(.*)", re.S)
 
 
-def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str]]]:
-    """GPUStack's 503 around a backend's error: the backend's (status, words, code), when its body parses."""
+def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str], str]]:
+    """GPUStack's 503 around a backend's error: the backend's (status, words, code, body), when its body parses."""
     found = _WRAPPED.search(words) if status == 503 else None
     if found is None:
         return None
@@ -359,7 +362,7 @@ def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str
     if not isinstance(parsed, dict):
         return None
     inner_words, inner_code = _error_text(inner.encode())
-    return int(found[1]), inner_words, inner_code
+    return int(found[1]), inner_words, inner_code, inner
 
 
 def _error_hint(status: int, message: str, settings: _Settings, location: Optional[str] = None) -> str:
@@ -403,17 +406,17 @@ def _provider_error(
     return ModelProviderError.classify(error)
 
 
-def _server_error(status: int, words: str, code: Optional[str], where: str, settings: _Settings,
+def _server_error(status: int, words: str, code: Optional[str], where: str, settings: _Settings, raw: str = "",
                   location: Optional[str] = None, path: str = "") -> Tuple[ModelProviderError, Optional[bool]]:
     """The error for what a server said, with the fix when the words tell it, and whether a retry may help
     (None: the status decides). Used for HTTP answers and for errors inside streams alike."""
     wrapped = _unwrapped(status, words)
     if wrapped is not None:
-        backend_status, words, code = wrapped
+        backend_status, words, code, raw = wrapped
         where = f"HTTP {backend_status} from the model's backend, relayed by GPUStack as {where}"
         status = backend_status
     shown = f"{words} ({where}" + (f", code {code}" if code else "") + ")."
-    overflow = _context_overflow(words, code)
+    overflow = _context_overflow(words, raw)
     if overflow is not None:
         return _provider_error(f"{shown} {_context_hint(*overflow)}", status, settings, ContextWindowExceededError), False
     fix = _deployment_fix(words)
@@ -432,7 +435,8 @@ def _http_error(
     words, code = _error_text(body, headers.get("Content-Type", "") if headers is not None else "")
     words = words or f"HTTP {status} {reason}".strip()
     location = headers.get("Location") if headers is not None else None
-    return _server_error(status, words, code, f"HTTP {status} from {method} {_redact_url(url)}", settings, location, path)
+    where = f"HTTP {status} from {method} {_redact_url(url)}"
+    return _server_error(status, words, code, where, settings, body.decode("utf-8", "replace"), location, path)
 
 
 def _connection_error(exc: BaseException, method: str, url: str, settings: _Settings) -> ModelProviderError:
@@ -1180,7 +1184,7 @@ def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> N
             if isinstance(candidate, int) and 400 <= candidate < 600:
                 status = candidate
                 break
-        raise _server_error(status, f"Error inside the stream: {words}", code, "in an answer", settings)[0]
+        raise _server_error(status, f"Error inside the stream: {words}", code, "in an answer", settings, raw.decode())[0]
 
 
 def _has_finish_reason(chunk: Dict[str, Any]) -> bool:

@@ -2397,3 +2397,180 @@ def test_idle_connection_closed_by_the_server_is_not_used_for_a_get(fake, agno_l
         assert len(transport.call("GET", "models", expect="data")["data"]) == 3
         assert fake.closed.acquire(timeout=5)
     assert agno_log == [] and len(fake.requests) == 3 and fake.connections == 3
+
+
+# Diagnosis: context window, GPUStack's wrapped 503, missing deployment parameters ###########################
+
+VLLM_HINT = "--max-model-len for vLLM; GPUStack starts vLLM at 8192 unless it is set"
+# (the server's words, the body shape that says them, the backend's flag and default note, limit, prompt tokens)
+CONTEXT_WORDINGS = [
+    ("This model's maximum context length is 8192 tokens. However, you requested 9000 tokens (8000 in the messages, "
+     "1000 in the completion). Please reduce the length of the messages or completion.", "vllm", VLLM_HINT, 8192, 8000),
+    ("This model's maximum context length is 8192 tokens. However, your request has 9000 input tokens. Please reduce "
+     "the length of the input messages.", "vllm", VLLM_HINT, 8192, 9000),
+    ("'max_tokens' or 'max_completion_tokens' is too large: 4096. This model's maximum context length is 8192 tokens "
+     "and your request has 5000 input tokens (4096 > 8192 - 5000). (parameter=input_tokens, value=5000)", "vllm",
+     VLLM_HINT, 8192, 5000),
+    ("This model's maximum context length is 40960 tokens. However, you requested 0 output tokens and your prompt "
+     "contains at least 40961 input tokens, for a total of at least 40961 tokens. Please reduce the length of the "
+     "input prompt or the number of requested output tokens. (parameter=input_tokens, value=40961)", "vllm",
+     VLLM_HINT, 40960, 40961),
+    ("The decoder prompt (length 9000) is longer than the maximum model length of 8192. Make sure that `max_model_len` "
+     "is no smaller than the number of text tokens.", "vllm", VLLM_HINT, 8192, 9000),
+    ("The prompt (total length 25938) is too long to fit into the model (context length 4096). Make sure that "
+     "`max_model_len` is no smaller than the number of text tokens plus multimodal tokens.", "vllm", VLLM_HINT, 4096, 25938),
+    ("The input (9000 tokens) is longer than the model's context length (8192 tokens).", "sglang",
+     "--context-length for SGLang", 8192, 9000),
+    ("Requested token count exceeds the model's maximum context length of 8192 tokens. You requested a total of 9000 "
+     "tokens: 8000 tokens from the input messages and 1000 tokens for the completion.", "sglang",
+     "--context-length for SGLang", 8192, None),
+    ("Input length (9000 tokens) exceeds the maximum allowed length (8192 tokens). Use a shorter input or enable "
+     "--allow-auto-truncate.", "sglang", "--context-length for SGLang", 8192, 9000),
+    ("request (17993 tokens) exceeds the available context size (16384 tokens), try increasing it", "llama",
+     "--ctx-size for llama.cpp", 16384, 17993),
+    ("the request exceeds the available context size, try increasing it", "llama", "--ctx-size for llama.cpp", None, None),
+    ("context shift is disabled", "llama", "--ctx-size for llama.cpp", None, None),  # known by its type alone
+]
+
+
+def backend_error_body(words: str, shape: str) -> dict:
+    if shape == "vllm":
+        return {"error": {"message": words, "type": "BadRequestError", "param": None, "code": 400}}
+    if shape == "sglang":
+        return {"object": "error", "message": words, "type": "BadRequestError", "param": None, "code": 400}
+    return {"error": {"code": 400, "message": words, "type": "exceed_context_size_error", "n_prompt_tokens": 17993,
+                      "n_ctx": 16384}}
+
+
+def wrapped_in_503(inner: dict, status: int = 400) -> dict:
+    """GPUStack's own answer when a backend failed a non-streaming request (capture 103)."""
+    return {"error": {"message": "An unexpected error occurred: Worker request failed: 1 POST "
+                                 f"http://127.0.0.1:19020/v1/chat/completions status={status}, error={json.dumps(inner)}",
+                      "code": 503, "type": "ServiceUnavailable"}}
+
+
+def context_hint(flag: str, limit: Optional[int], prompt: Optional[int]) -> str:
+    sizes = ", ".join(p for p in (f"limit {limit} tokens" if limit else "", f"prompt {prompt} tokens" if prompt else "") if p)
+    return (f"The request is longer than the model's context window{f' ({sizes})' if sizes else ''}: shorten the input "
+            f"or lower max_tokens, or raise the limit in the model's Backend Parameters on GPUStack ({flag}).")
+
+
+def invoke_every_way(model, how: str):
+    if how == "invoke":
+        return model.invoke(user())
+    if how == "ainvoke":
+        return asyncio.run(model.ainvoke(user()))
+    if how == "invoke_stream":
+        return list(model.invoke_stream(user()))
+
+    async def drain():
+        return [piece async for piece in model.ainvoke_stream(user())]
+
+    return asyncio.run(drain())
+
+
+@pytest.mark.parametrize("words, shape, flag, limit, prompt", CONTEXT_WORDINGS, ids=[f"{w[1]}-{i}" for i, w in enumerate(CONTEXT_WORDINGS)])
+@pytest.mark.parametrize("served", ["plain", "wrapped in 503"])
+def test_every_context_window_wording_is_agnos_context_window_error(model, fake, words, shape, flag, limit, prompt, served):
+    body = backend_error_body(words, shape)
+    fake.on("/v1/chat/completions", reply(400, body) if served == "plain" else reply(503, wrapped_in_503(body)))
+    with pytest.raises(ContextWindowExceededError) as caught:
+        model.invoke(user())
+    where = (f"HTTP 400 from POST {fake.url}/v1/chat/completions" if served == "plain" else
+             f"HTTP 400 from the model's backend, relayed by GPUStack as HTTP 503 from POST {fake.url}/v1/chat/completions")
+    assert caught.value.message == f"{words} ({where}, code 400). {context_hint(flag, limit, prompt)}"
+    assert caught.value.status_code == 400 and len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "invoke_stream", "ainvoke_stream"])
+def test_context_window_error_is_classified_on_every_call_and_never_retried(model, fake, how):
+    words, shape, flag, limit, prompt = CONTEXT_WORDINGS[9]  # llama.cpp, whose words Agno alone doesn't know
+    fake.on("/v1/chat/completions", reply(400, backend_error_body(words, shape)))
+    with pytest.raises(ContextWindowExceededError, match="--ctx-size for llama.cpp"):
+        invoke_every_way(model, how)
+    assert len(fake.requests) == 1
+
+
+def test_context_window_error_in_complete(model, fake):
+    fake.on("/v1/completions", reply(400, backend_error_body(CONTEXT_WORDINGS[6][0], "sglang")))
+    with pytest.raises(ContextWindowExceededError, match="--context-length for SGLang"):
+        model.complete("long prompt")
+
+
+def test_context_window_error_in_embeddings_keeps_its_cause(embedder, fake):
+    fake.on("/v1/embeddings", reply(400, backend_error_body(CONTEXT_WORDINGS[1][0], "vllm")))
+    with pytest.raises(gpustack.EmbeddingError) as caught:
+        embedder.get_embedding("a very long text")
+    assert isinstance(caught.value.__cause__, ContextWindowExceededError)
+    assert len(fake.requests) == 1
+
+
+def test_context_window_error_inside_a_stream(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk("Hel"), {"error": {"message": CONTEXT_WORDINGS[10][0],
+                                                                    "type": "exceed_context_size_error", "code": 400}}))
+    with pytest.raises(ContextWindowExceededError, match="--ctx-size for llama.cpp"):
+        list(model.invoke_stream(user()))
+
+
+def test_wrapped_backend_400_is_unwrapped_and_not_retried(model, fake):
+    fake.on("/v1/chat/completions", reply(503, REAL_503_BACKEND_400))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert caught.value.status_code == 400 and len(fake.requests) == 1
+    assert caught.value.message == (
+        "Invalid value for tool_choice (HTTP 400 from the model's backend, relayed by GPUStack as HTTP 503 from "
+        f"POST {fake.url}/v1/chat/completions, code 400)."
+    )
+
+
+def test_wrapped_backend_500_stays_retryable(model, fake):
+    inner = {"error": {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}}
+    fake.on("/v1/chat/completions", reply(503, wrapped_in_503(inner, 500)), reply(200, REAL_CHAT))
+    assert model.invoke(user()).content == "Hello" and len(fake.requests) == 2
+
+
+def test_wrapped_body_that_does_not_parse_keeps_the_503(model, fake):
+    body = {"error": {"message": "An unexpected error occurred: Worker request failed: 1 POST http://w/v1/chat/completions "
+                                 "status=400, error=<html>bad</html>", "code": 503, "type": "ServiceUnavailable"}}
+    fake.on("/v1/chat/completions", reply(503, body))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert caught.value.status_code == 503 and len(fake.requests) == 1
+    assert caught.value.message.endswith("The model's backend rejected the request itself; retrying cannot help.")
+
+
+@pytest.mark.parametrize("status, body, fix", [
+    (400, {"error": {"message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                     "type": "BadRequestError", "param": None, "code": 400}},
+     "The model was deployed without tool calling: add `--enable-auto-tool-choice --tool-call-parser=<parser>` to its "
+     "Backend Parameters on GPUStack (e.g. `hermes` for Qwen)."),
+    (500, {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}},
+     "The model was deployed without tool calling: add `--jinja` to its Backend Parameters on GPUStack."),
+    (500, {"object": "error", "message": "Internal server error: Unsupported tool_call_parser: None", "code": 500},
+     "The model was deployed without tool calling: add `--tool-call-parser=<parser>` to its Backend Parameters on "
+     "GPUStack (e.g. `qwen25` for Qwen)."),
+    (400, {"error": {"message": "The provided JSON schema contains features not supported by xgrammar.", "code": 400}},
+     "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
+    (400, {"error": {"message": "Failed to transform json schema into a grammar: unsupported", "code": 400}},
+     "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
+    (400, {"error": {"message": "The model does not support Chat Completions API", "code": 400}},
+     "The model is deployed for another task than this request's (see its category in GPUStack, or list_models())."),
+])
+@pytest.mark.parametrize("served", ["plain", "wrapped in 503"])
+def test_missing_deployment_parameter_is_named_and_never_retried(model, fake, status, body, fix, served):
+    fake.on("/v1/chat/completions", reply(status, body) if served == "plain" else reply(503, wrapped_in_503(body, status)))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert caught.value.message.endswith(fix) and caught.value.status_code == status
+    assert len(fake.requests) == 1
+
+
+def test_missing_rerank_path_says_the_model_serves_another_task(reranker, fake):
+    fake.on("/v1/rerank", reply(404, REAL_405_DETAIL.replace(b"Method Not Allowed", b"Not Found")))
+    with pytest.raises(ModelProviderError) as caught:
+        reranker.rerank("q", ["a"])
+    assert caught.value.message == (
+        f"Not Found (HTTP 404 from POST {fake.url}/v1/rerank). The model's backend has no /v1/rerank: the model is "
+        "probably deployed for another task (see its category in GPUStack, or list_models()), or base_url is not "
+        "the GPUStack server."
+    )
