@@ -2574,3 +2574,46 @@ def test_missing_rerank_path_says_the_model_serves_another_task(reranker, fake):
         "probably deployed for another task (see its category in GPUStack, or list_models()), or base_url is not "
         "the GPUStack server."
     )
+
+
+def test_agent_compacts_history_and_succeeds_after_a_context_window_error(fake, tmp_path):
+    from agno.agent import Agent
+    from agno.compaction import Compaction
+    from agno.db.sqlite import SqliteDb
+
+    seen_sizes: List[int] = []
+
+    def small_window(h, seen):
+        messages = seen.json["messages"]
+        if messages[0]["role"] == "system" and "summar" in str(messages[0]["content"]).lower():
+            send(h, 200, json.dumps(chat_answer("Earlier: three long turns.")).encode())  # Agno's summarizer
+            return
+        seen_sizes.append(len(messages))
+        if len(json.dumps(messages)) > 2500:
+            send(h, 400, json.dumps(backend_error_body(CONTEXT_WORDINGS[9][0], "llama")).encode())
+            return
+        send(h, 200, json.dumps(chat_answer(f"answer to {len(messages)} messages")).encode())
+
+    fake.on("/v1/chat/completions", small_window)
+    agent = Agent(model=GPUStackChat(id="m", base_url=fake.url), db=SqliteDb(db_file=str(tmp_path / "s.db")),
+                  add_history_to_context=True, compaction=Compaction(on_context_overflow=True), session_id="s")
+    answers = [agent.run("x" * 900 + f" turn {turn}").content for turn in range(3)]
+    assert answers == ["answer to 1 messages", "answer to 3 messages", "answer to 2 messages"]
+    assert seen_sizes == [1, 3, 5, 2]  # the long request went out once, then the folded one
+
+
+def test_agent_falls_back_to_a_larger_model_after_a_context_window_error(fake):
+    from agno.agent import Agent
+    from agno.models.fallback import FallbackConfig
+
+    def route(h, seen):
+        if seen.json["model"] == "small":
+            send(h, 400, json.dumps(backend_error_body(CONTEXT_WORDINGS[9][0], "llama")).encode())
+        else:
+            send(h, 200, json.dumps(chat_answer("from the large model")).encode())
+
+    fake.on("/v1/chat/completions", route)
+    agent = Agent(model=GPUStackChat(id="small", base_url=fake.url),
+                  fallback_config=FallbackConfig(on_context_overflow=[GPUStackChat(id="large", base_url=fake.url)]))
+    assert agent.run("hi").content == "from the large model"
+    assert [seen.json["model"] for seen in fake.requests] == ["small", "large"]
