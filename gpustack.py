@@ -17,6 +17,7 @@ import base64
 import collections
 import concurrent.futures
 import contextvars
+import difflib
 import dataclasses
 import email.utils
 import http.client
@@ -378,19 +379,24 @@ def _error_hint(status: int, message: str, settings: _Settings, location: Option
         state = "was sent" if settings.api_key else "is not set"
         return f"Check the API key: {API_KEY_ENV} (or api_key=...) {state}; create one in GPUStack's UI under API Keys."
     if status == 404 and "model" in lowered:
-        return (
-            f"Check the model name {settings.model_id!r}: list_models() or `python gpustack.py models` "
-            "shows the models with a running instance."
-        )
+        return _check_model_name(settings.model_id)
     if status == 404:
         return f"Check base_url: {settings.root} should be the GPUStack server itself, without /v1."
-    if status == 503 and "no running instance" in lowered:
-        return "The model exists but has no running instance yet: wait for it to start, or check it in GPUStack."
+    if status == 503 and ("no running instance" in lowered or "no healthy upstream" in lowered):
+        return _NOT_RUNNING_HINT
     if status == 503 and _BACKEND_4XX.search(message):
         return "The model's backend rejected the request itself; retrying cannot help."
     if status == 429:
         return "GPUStack is rate-limiting this key; slow down or raise the limit."
     return ""
+
+
+_NOT_RUNNING_HINT = "The model exists but has no running instance yet: wait for it to start, or check it in GPUStack."
+
+
+def _check_model_name(model_id: Optional[str]) -> str:
+    return (f"Check the model name {model_id!r}: list_models() or `python gpustack.py models` "
+            "shows the models with a running instance.")
 
 
 def _provider_error(
@@ -980,7 +986,8 @@ class _Transport:
         self._headers = headers
 
     def url(self, path: str) -> str:
-        return f"{self.settings.root}/v1/{path}"
+        """``chat/completions`` is under /v1; a path from the root (``/v2/models``) is taken as it is."""
+        return f"{self.settings.root}{path}" if path[:1] == "/" else f"{self.settings.root}/v1/{path}"
 
     def with_timeouts(self, timeout: Optional[float], connect_timeout: Optional[float] = None, max_retries: Optional[int] = None) -> "_Transport":
         """This transport for one call with other limits (Agno's page store gives each embedding a deadline)."""
@@ -1034,7 +1041,7 @@ class _Transport:
                 retry = _should_retry(error.status_code, error.message, reply.headers, diagnosed)
                 delay = _retry_delay(attempt, reply.headers) if retry else None
             if attempt >= settings.max_retries or delay is None:
-                raise error
+                raise _explained(error, settings, path)
             attempt += 1
             from agno.utils.log import log_warning
 
@@ -1828,7 +1835,10 @@ class GPUStackChat(Model):
         answer = self._transport().call("POST", "chat/completions", body, expect="choices")
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
-        return self._parse_provider_response(answer, response_format=response_format)
+        result = self._parse_provider_response(answer, response_format=response_format)
+        if tools and not result.tool_calls and isinstance(result.content, str) and "<tool_call>" in result.content:
+            self._warn_tool_markup()
+        return result
 
     async def ainvoke(
         self,
@@ -1862,14 +1872,24 @@ class GPUStackChat(Model):
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
         think = _ThinkSplitter()
+        recent = "" if tools else None  # the end of the text so far, to spot tool-call markup cut across chunks
         chunks = self._transport().stream("chat/completions", body)
         try:
             for chunk in chunks:
                 piece = self._parse_provider_response_delta(chunk)
                 if piece.content:
+                    if recent is not None:
+                        recent += piece.content
+                        if "<tool_call>" in recent:
+                            self._warn_tool_markup()
+                            recent = None
+                        else:
+                            recent = recent[-10:]  # what could be the start of "<tool_call>"
                     reasoning, piece.content = think.feed(piece.content)
                     if reasoning:
                         piece.reasoning_content = (piece.reasoning_content or "") + reasoning
+                if piece.tool_calls:
+                    recent = None
                 yield piece
         finally:
             chunks.close()
@@ -1898,6 +1918,15 @@ class GPUStackChat(Model):
                 yield piece
         finally:
             await pieces.aclose()  # now, not whenever the garbage collector gets to it
+
+    def _warn_tool_markup(self) -> None:
+        """SGLang deployed without a tool parser answers 200 with the model's raw markup as text."""
+        _warn_once(
+            f"tool markup {self.id}",
+            f"GPUStack model {self.id!r} answered a request with tools with <tool_call> markup in its text and no "
+            "tool_calls: its deployment needs a tool-call parser (for SGLang, add `--tool-call-parser=<parser>` to its "
+            "Backend Parameters on GPUStack, e.g. `qwen25`). The text is left as it came.",
+        )
 
     # -- parsing -----------------------------------------------------------------
 
@@ -2583,6 +2612,113 @@ async def alist_models(
 ) -> List[Dict[str, Any]]:
     """``await alist_models()``: list_models() without blocking the event loop."""
     return await _in_thread(list_models, base_url, api_key, categories, timeout, verify)
+
+
+# Diagnosis ###################################################################
+# What a look at the server can add to an error that already happened. Never on a call that
+# succeeds, bounded in time, and never in the way: a lookup that fails leaves the error as it was.
+
+DIAGNOSIS_SECONDS = 2.0  # what looking into a failed call may add to it, at most
+_LOOKUP = "GPUStack lookup"  # the model_name of lookup transports, so a lookup's own error is not looked into
+_CLASS_FOR = {"llm": "GPUStackChat", "embedding": "GPUStackEmbeddings", "reranker": "GPUStackRerank"}
+
+
+def _explained(error: ModelProviderError, settings: _Settings, path: str) -> ModelProviderError:
+    """``error`` with what the server can tell about it: the running models whose names are near a
+    name it doesn't know, or what the instances of a model that isn't running are doing."""
+    if settings.model_name == _LOOKUP or not settings.model_id:
+        return error
+    generic = ""
+    try:
+        if error.status_code == 404 and "model not found" in error.message.lower():
+            generic, found = _check_model_name(settings.model_id), _nearest_models(settings)
+        elif error.status_code == 503 and _NOT_RUNNING_HINT in error.message:
+            generic, found = _NOT_RUNNING_HINT, _readiness(settings)
+        else:
+            return error
+    except Exception:  # noqa: BLE001  # the lookup is a courtesy; the original error is what matters
+        return error
+    if found:
+        error.message = error.message.replace(generic, found)
+    return error
+
+
+def _lookup(settings: _Settings, deadline: float) -> _Transport:
+    seconds = max(0.1, deadline - time.monotonic())
+    return _Transport(dataclasses.replace(settings, timeout=seconds, connect_timeout=min(seconds, settings.connect_timeout),
+                                          max_retries=0, model_name=_LOOKUP))
+
+
+def _running_ids(settings: _Settings, deadline: float, category: Optional[str] = None) -> List[str]:
+    path = "models" + (f"?categories={category}" if category else "")
+    answer = _lookup(settings, deadline).call("GET", path, expect="data")
+    return [item["id"] for item in answer["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+
+def _nearest_models(settings: _Settings) -> str:
+    """``Model 'qwen-3' not found ... Running models like it: qwen3.``, or the category the name is under."""
+    deadline = time.monotonic() + DIAGNOSIS_SECONDS
+    name = str(settings.model_id)
+    running = _running_ids(settings, deadline)
+    if name in running:
+        for category in MODEL_CATEGORIES:
+            if time.monotonic() < deadline and name in _running_ids(settings, deadline, category):
+                wanted = _CLASS_FOR.get(category)
+                if wanted is not None and wanted != settings.model_name:
+                    return f"{name!r} is a{'n' if category[0] in 'aeiou' else ''} {category} model: use {wanted}."
+                if wanted is None:
+                    return f"{name!r} is a {category} model, which {settings.model_name} can't use."
+        return ""
+    by_lower = {model.lower(): model for model in running}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return (f"Model {name!r} not found on GPUStack at {settings.root}. "
+            f"Running models like it: {', '.join(by_lower[model] for model in close)}.")
+
+
+def _readiness(settings: _Settings) -> str:
+    """What GPUStack's management API says about a model without a running instance, as far as this key may see."""
+    deadline = time.monotonic() + DIAGNOSIS_SECONDS
+    name = str(settings.model_id)
+    query = urllib.parse.quote(name)
+    unknown = f"{name} exists but has no running instance."
+    try:
+        items = _lookup(settings, deadline).call("GET", f"/v2/models?search={query}", expect="items")["items"]
+    except ModelProviderError as error:
+        if error.status_code != 403:
+            return ""
+        # Not an admin: /v2/my-models can't tell a stopped model from one still deploying.
+        try:
+            mine = _lookup(settings, deadline).call("GET", f"/v2/my-models?search={query}", expect="items")["items"]
+        except ModelProviderError:
+            return unknown
+        return unknown if any(isinstance(item, dict) and item.get("name") == name for item in mine) else ""
+    model = next((item for item in items if isinstance(item, dict) and item.get("name") == name), None)
+    if model is None:
+        return ""
+    replicas, ready = model.get("replicas"), model.get("ready_replicas") or 0
+    if replicas == 0:
+        return f"{name} is stopped (0 replicas): start it in GPUStack."
+    if not isinstance(replicas, int) or time.monotonic() >= deadline:
+        return unknown
+    try:
+        instances = _lookup(settings, deadline).call("GET", f"/v2/models/{model.get('id')}/instances", expect="items")["items"]
+    except ModelProviderError:
+        instances = []
+    doing = [_instance_state(item) for item in instances if isinstance(item, dict) and item.get("state") != "running"]
+    return f"{name} exists but {ready} of {replicas} instances are ready" + (f": {'; '.join(doing)}." if doing else ".")
+
+
+def _instance_state(instance: Dict[str, Any]) -> str:
+    """One instance as the server describes it (states can get stuck: this is a report, not a promise)."""
+    name, state, message = instance.get("name") or "an instance", instance.get("state"), instance.get("state_message")
+    progress = instance.get("download_progress")
+    if state == "downloading" and isinstance(progress, (int, float)):
+        return f"{name} is downloading ({progress:g}%)"
+    if state == "error":
+        return f"{name} is in state error: {message or 'no message'}"
+    return f"{name} is {state}" + (f": {message}" if message else "")
 
 
 # Command line ################################################################

@@ -2617,3 +2617,178 @@ def test_agent_falls_back_to_a_larger_model_after_a_context_window_error(fake):
                   fallback_config=FallbackConfig(on_context_overflow=[GPUStackChat(id="large", base_url=fake.url)]))
     assert agent.run("hi").content == "from the large model"
     assert [seen.json["model"] for seen in fake.requests] == ["small", "large"]
+
+
+TOOL = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+MARKUP_WARNING = (
+    "GPUStack model 'ghost-routed' answered a request with tools with <tool_call> markup in its text and no "
+    "tool_calls: its deployment needs a tool-call parser (for SGLang, add `--tool-call-parser=<parser>` to its "
+    "Backend Parameters on GPUStack, e.g. `qwen25`). The text is left as it came."
+)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_tool_call_markup_without_tool_calls_warns_once_and_keeps_the_text(model, fake, agno_log, monkeypatch, streamed):
+    monkeypatch.setattr(gpustack, "_WARNED", set())
+    markup = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    if streamed:
+        fake.on("/v1/chat/completions", stream(chunk(markup[:7]), chunk(markup[7:]), chunk(finish="stop"), b"data: [DONE]\n\n"))
+    else:
+        fake.on("/v1/chat/completions", reply(200, chat_answer(markup)))
+    for _ in range(2):
+        answer = text_of(model.invoke_stream(user(), tools=TOOL)) if streamed else model.invoke(user(), tools=TOOL).content
+        assert answer == markup
+    assert agno_log == [MARKUP_WARNING]
+
+
+def test_tool_call_markup_is_not_warned_about_without_tools(model, fake, agno_log, monkeypatch):
+    monkeypatch.setattr(gpustack, "_WARNED", set())
+    fake.on("/v1/chat/completions", reply(200, chat_answer("<tool_call>{}</tool_call>")))
+    model.invoke(user())
+    assert agno_log == []
+
+
+# Diagnosis: the nearest model names, what a model without a running instance is doing ##########################
+
+REAL_404_BODY = REAL_404_MODEL  # 20_v1_chat_missing_model_nonstream
+
+
+def running_models(catalog: Dict[str, str]):
+    def respond(h, seen):
+        from urllib.parse import parse_qs, urlsplit
+
+        wanted = parse_qs(urlsplit(seen.path).query).get("categories", [])
+        data = [{"id": mid, "object": "model", "owned_by": "gpustack", "meta": {}} for mid, cat in catalog.items()
+                if not wanted or cat in wanted]
+        send(h, 200, json.dumps({"data": data, "object": "list"}).encode())
+
+    return respond
+
+
+CATALOG = {"qwen3": "llm", "qwen3-8b": "llm", "bge-m3": "embedding", "bge-reranker-v2-m3": "reranker"}
+
+
+def test_unknown_model_name_lists_the_running_models_like_it(fake):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_BODY))
+    fake.on("/v1/models", running_models(CATALOG))
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="qwen-3", base_url=fake.url).invoke(user())
+    assert caught.value.message == (
+        f"Model not found (HTTP 404 from POST {fake.url}/v1/chat/completions, code 404). Model 'qwen-3' not found on "
+        f"GPUStack at {fake.url}. Running models like it: qwen3, qwen3-8b."
+    )
+    assert caught.value.status_code == 404
+
+
+def test_model_name_under_another_category_says_which_class_to_use(fake):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_BODY))
+    fake.on("/v1/models", running_models(CATALOG))
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="bge-m3", base_url=fake.url).invoke(user())
+    assert caught.value.message.endswith("(HTTP 404 from POST " + fake.url + "/v1/chat/completions, code 404). "
+                                         "'bge-m3' is an embedding model: use GPUStackEmbeddings.")
+
+
+def test_unknown_model_name_with_nothing_close_keeps_the_plain_hint(fake):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_BODY))
+    fake.on("/v1/models", running_models(CATALOG))
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="llama-70b", base_url=fake.url).invoke(user())
+    assert caught.value.message.endswith("Check the model name 'llama-70b': list_models() or `python gpustack.py models` "
+                                         "shows the models with a running instance.")
+
+
+def test_failing_model_lookup_never_hides_the_original_error(fake):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_BODY))
+    fake.on("/v1/models", reply(500, b"boom", "text/plain"))
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="qwen-3", base_url=fake.url).invoke(user())
+    assert caught.value.status_code == 404 and caught.value.message.startswith("Model not found (HTTP 404")
+    assert [seen.path for seen in fake.requests] == ["/v1/chat/completions", "/v1/models"]
+
+
+def v2_item(name: str, replicas: int, ready: int = 0, model_id: int = 1) -> dict:
+    """The fields of a /v2/models item that matter here (capture 160), among some that don't."""
+    return {"name": name, "replicas": replicas, "ready_replicas": ready, "state": "pending", "state_message": None,
+            "categories": ["llm"], "backend": "vLLM", "id": model_id}
+
+
+def instance(name: str, state: str, message: Optional[str] = None, progress: Optional[float] = None) -> dict:
+    return {"name": name, "state": state, "state_message": message, "download_progress": progress, "model_id": 1,
+            "worker_name": None}
+
+
+def not_running_fake(fake, models_route_, instances=None, my_models=None):
+    fake.on("/v1/chat/completions", reply(503, REAL_503_NO_INSTANCE))
+    fake.on("/v2/models", models_route_)
+    fake.on("/v2/models/1/instances", reply(200, {"items": instances or [], "pagination": {}}))
+    if my_models is not None:
+        fake.on("/v2/my-models", my_models)
+
+
+def readiness_of(fake) -> str:
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="qwen3", base_url=fake.url, max_retries=0).invoke(user())
+    assert caught.value.status_code == 503
+    prefix = f"No running instances available (HTTP 503 from POST {fake.url}/v1/chat/completions, code 503). "
+    assert caught.value.message.startswith(prefix)
+    return caught.value.message[len(prefix):]
+
+
+@pytest.mark.parametrize("items, instances, said", [
+    ([v2_item("qwen3", 0)], [], "qwen3 is stopped (0 replicas): start it in GPUStack."),
+    ([v2_item("qwen3", 1)], [instance("qwen3-x7k2", "downloading", progress=42)],
+     "qwen3 exists but 0 of 1 instances are ready: qwen3-x7k2 is downloading (42%)."),
+    ([v2_item("qwen3", 1)], [instance("qwen3-x7k2", "pending", "No available workers")],
+     "qwen3 exists but 0 of 1 instances are ready: qwen3-x7k2 is pending: No available workers."),
+    ([v2_item("qwen3", 2, 1)], [instance("qwen3-a", "running"), instance("qwen3-b", "error", "CUDA out of memory")],
+     "qwen3 exists but 1 of 2 instances are ready: qwen3-b is in state error: CUDA out of memory."),
+    ([v2_item("qwen3-coder", 1)], [], _NOT_RUNNING := gpustack._NOT_RUNNING_HINT),
+], ids=["stopped", "downloading", "pending", "error", "other name"])
+def test_no_running_instance_says_what_the_instance_is_doing(fake, items, instances, said):
+    not_running_fake(fake, reply(200, {"items": items, "pagination": {}}), instances)
+    assert readiness_of(fake) == said
+    assert [seen.path.split("?")[0] for seen in fake.requests][:2] == ["/v1/chat/completions", "/v2/models"]
+
+
+def test_key_that_may_not_list_all_models_says_only_that_it_has_no_running_instance(fake):
+    mine = {"items": [{"id": 1, "name": "qwen3", "categories": ["llm"], "targets": 1, "ready_targets": 0}], "pagination": {}}
+    not_running_fake(fake, reply(403, {"code": 403, "reason": "Forbidden", "message": "Insufficient organization role"}),
+                     my_models=reply(200, mine))
+    assert readiness_of(fake) == "qwen3 exists but has no running instance."
+
+
+def test_inference_only_key_says_only_that_it_has_no_running_instance(fake):
+    forbidden = {"code": 403, "reason": "Forbidden", "message": "API key does not have permission to access management features"}
+    not_running_fake(fake, reply(403, forbidden), my_models=reply(403, forbidden))
+    assert readiness_of(fake) == "qwen3 exists but has no running instance."
+
+
+def test_slow_management_api_costs_at_most_the_diagnosis_time(fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "DIAGNOSIS_SECONDS", 0.3)
+
+    def stall(h, seen):
+        time.sleep(2)
+
+    not_running_fake(fake, stall)
+    started = time.monotonic()
+    assert readiness_of(fake) == gpustack._NOT_RUNNING_HINT
+    assert time.monotonic() - started < 1.5
+
+
+def test_failing_management_api_keeps_the_original_words(fake):
+    not_running_fake(fake, reply(500, b"oops", "text/plain"))
+    assert readiness_of(fake) == gpustack._NOT_RUNNING_HINT
+
+
+def test_gateway_no_healthy_upstream_is_looked_into_too(fake):
+    not_running_fake(fake, reply(200, {"items": [v2_item("qwen3", 0)], "pagination": {}}))
+    fake.on("/v1/chat/completions", reply(503, b"no healthy upstream", "text/plain"))
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="qwen3", base_url=fake.url, max_retries=0).invoke(user())
+    assert caught.value.message.endswith("qwen3 is stopped (0 replicas): start it in GPUStack.")
+
+
+def test_successful_call_makes_no_lookup(model, fake):
+    model.invoke(user())
+    assert [seen.path for seen in fake.requests] == ["/v1/chat/completions"]
