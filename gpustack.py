@@ -76,6 +76,7 @@ __all__ = [
     "list_models",
     "alist_models",
     "close_connections",
+    "diagnose",
 ]
 
 T = TypeVar("T")
@@ -2721,11 +2722,188 @@ def _instance_state(instance: Dict[str, Any]) -> str:
     return f"{name} is {state}" + (f": {message}" if message else "")
 
 
+# `doctor`: is this GPUStack ready for Agno agents? ----------------------------------
+
+DOCTOR_TIMEOUT = 30.0
+_DOCTOR_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+_DOCTOR_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+    "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
+
+
+class _Report:
+    """The checks of one ``diagnose()`` run, each a dict: check, model, ok, detail, fix, seconds."""
+
+    def __init__(self) -> None:
+        self.checks: List[Dict[str, Any]] = []
+        self.no_answer = False  # the last failed check got no HTTP answer at all
+
+    def run(self, check: str, probe: Callable[[], Tuple[bool, str, str]], model: Optional[str] = None) -> bool:
+        """Run one probe, which returns (ok, detail, fix); an error it raises is a failed check with the error's words."""
+        started = time.monotonic()
+        try:
+            ok, detail, fix = probe()
+        except ModelProviderError as error:
+            ok, detail, fix = False, error.message, ""
+            self.no_answer = getattr(error, "no_answer", False)
+            if self.no_answer and "certificate" in error.message:
+                fix = "use --ca-bundle FILE for a private CA, or --insecure for a self-signed certificate"
+        except (ValueError, TypeError, EmbeddingError) as error:
+            ok, detail, fix = False, str(error), ""
+        self.checks.append({"check": check, "model": model, "ok": ok, "detail": detail, "fix": fix or None,
+                            "seconds": round(time.monotonic() - started, 3)})
+        return ok
+
+
+def _get(transport: _Transport, path: str) -> Any:
+    """GET a JSON answer of any shape (``/healthz`` says just ``"ok"``)."""
+    reply = transport.open("GET", path, None)
+    try:
+        raw = reply.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reply.close()
+        raise transport._lost(exc, "GET", transport.url(path)) from None
+    reply.finish()
+    return transport._decode(raw, reply, transport.url(path))
+
+
+def diagnose(
+    base_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    models: Optional[Sequence[str]] = None,
+    all_models: bool = False,
+    timeout: float = DOCTOR_TIMEOUT,
+    verify: Union[bool, str] = True,
+) -> Dict[str, Any]:
+    """Check a GPUStack server and its models for Agno agents: ``diagnose(models=["qwen3"])["ok"]``.
+
+    Returns ``{"server", "version", "reachable", "ok", "checks": [{"check", "model", "ok", "detail", "fix",
+    "seconds"}, ...]}``. Tiny requests only (a few tokens), each bounded by ``timeout``.
+    """
+    settings = _settings(base_url, api_key, timeout, 0, verify, None, model_name=_LOOKUP)
+    transport = _Transport(settings)
+    report = _Report()
+    found: Dict[str, Any] = {"server": settings.root, "version": None, "reachable": True}
+
+    def server() -> Tuple[bool, str, str]:
+        _get(transport, "/healthz")
+        try:
+            version = _get(transport, "/version")
+        except ModelProviderError:
+            return False, f"{settings.root} answers /healthz but not /version", "set --server to the GPUStack server itself"
+        found["version"] = version.get("version") if isinstance(version, dict) else None
+        return True, f"GPUStack {found['version'] or '(unknown version)'} at {settings.root}", ""
+
+    if not report.run("server", server):
+        found.update(reachable=not report.no_answer, ok=False, checks=report.checks)
+        return found
+    key_ok = report.run("API key", lambda: _key_scopes(transport, settings))
+    running: List[Dict[str, Any]] = []
+
+    def catalog() -> Tuple[bool, str, str]:
+        running.extend(list_models(settings.root, settings.api_key or "", timeout=timeout, verify=verify))
+        if not running:
+            return True, "no running models", "deploy a model in GPUStack, or wait for one to start"
+        return True, "; ".join(_model_line(item) for item in running), ""
+
+    if key_ok:
+        report.run("running models", catalog)
+    categories = {item["id"]: item.get("categories") or [] for item in running}
+    wanted = list(models or ()) + ([item["id"] for item in running if item["id"] not in (models or ())] if all_models else [])
+    client = {"base_url": settings.root, "api_key": settings.api_key or "", "timeout": timeout, "verify": verify, "max_retries": 0}
+    for name in wanted:
+        _check_model(report, name, categories.get(name, []), client)
+    found.update(ok=all(check["ok"] for check in report.checks), checks=report.checks)
+    return found
+
+
+def _key_scopes(transport: _Transport, settings: _Settings) -> Tuple[bool, str, str]:
+    if not settings.api_key:
+        return False, "no API key set", f"set {API_KEY_ENV} (or --api-key-file) to a key from GPUStack's UI, API Keys"
+    transport.call("GET", "models", expect="data")
+    try:
+        transport.call("GET", "/v2/my-models?perPage=1", expect="items")
+    except ModelProviderError as error:
+        if error.status_code != 403:
+            raise
+        return True, "accepted; scopes: inference (no management scope: model states can't be looked up)", ""
+    return True, "accepted; scopes: inference, management", ""
+
+
+def _model_line(item: Dict[str, Any]) -> str:
+    meta: Dict[str, Any] = item["meta"] if isinstance(item.get("meta"), dict) else {}
+    extra = [",".join(item.get("categories") or []) or "no category"]
+    window = meta.get("max_model_len") or meta.get("n_ctx")
+    if window:
+        extra.append(f"context {window}")
+    if meta.get("voices"):
+        extra.append(f"voices {', '.join(map(str, meta['voices'][:5]))}")
+    return f"{item['id']} ({', '.join(extra)})"
+
+
+def _check_model(report: _Report, name: str, categories: List[str], client: Dict[str, Any]) -> None:
+    """The checks a model of its category needs; a model that isn't running gets a chat call, whose error says why."""
+    if "embedding" in categories:
+        embedder = GPUStackEmbeddings(id=name, **client)
+        report.run("embedding", lambda: (True, f"{len(embedder.parse_embeddings_response(embedder.embed('doctor'))[0])} "
+                                               "dimensions", ""), name)
+        return
+    if "reranker" in categories:
+        reranker = GPUStackRerank(id=name, **client)
+        documents = ["GPUStack runs models on GPUs.", "Bananas are yellow.", "Agno builds agents."]
+        report.run("rerank", lambda: (True, f"best: {reranker.rerank('What runs models?', documents)[0]['document']!r}", ""), name)
+        return
+    if categories and "llm" not in categories:
+        report.checks.append({"check": "skipped", "model": name, "ok": True, "detail": f"{','.join(categories)} model: not "
+                              "checked here", "fix": None, "seconds": 0.0})
+        return
+    chat = GPUStackChat(id=name, max_tokens=16, **client)
+    if not report.run("chat", lambda: _chat_check(chat), name):
+        return
+    report.run("stream", lambda: _stream_check(chat), name)
+    report.run("tools", lambda: _tools_check(chat), name)
+    report.run("json_schema", lambda: _schema_check(chat), name)
+
+
+def _doctor_prompt() -> List[Message]:
+    return [Message(role="user", content="Reply with one word: OK")]
+
+
+def _chat_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
+    answer = chat.invoke(_doctor_prompt())
+    said = f"answered {(answer.content or '').strip()[:40]!r}"
+    return True, said + (", with reasoning output" if answer.reasoning_content else ""), ""
+
+
+def _stream_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
+    pieces = list(chat.invoke_stream(_doctor_prompt()))
+    usage = any(piece.response_usage is not None for piece in pieces)
+    return True, f"{len(pieces)} pieces" + (", usage reported" if usage else ", no usage chunk"), ""
+
+
+def _schema_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
+    answer = chat.invoke(_doctor_prompt(), response_format=_DOCTOR_SCHEMA)
+    return True, f"accepted, answered {(answer.content or '').strip()[:40]!r}", ""
+
+
+def _tools_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
+    answer = chat.invoke([Message(role="user", content="What time is it in Paris? Use the tool.")], tools=[_DOCTOR_TOOL],
+                         tool_choice="auto")
+    if answer.tool_calls:
+        return True, "tool_calls returned", ""
+    if "<tool_call>" in (answer.content or ""):
+        return False, "answered with <tool_call> markup as text, no tool_calls", (
+            "add a tool-call parser to the model's Backend Parameters on GPUStack (SGLang: --tool-call-parser=<parser>)")
+    return True, "accepted, but the model answered with text (no tool_calls)", ""
+
+
 # Command line ################################################################
 
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_SERVER = 3  # GPUStack (or a proxy in front of it) answered with an error
 EXIT_CONNECTION = 4  # no answer at all: refused, DNS, TLS, timeout
+EXIT_CHECK_FAILED = 1  # doctor: the server answered, and a check failed
 EXIT_INTERRUPTED = 130
 
 _EPILOG = """examples:
@@ -2735,8 +2913,9 @@ _EPILOG = """examples:
   echo "Summarise: ..." | python gpustack.py chat -m qwen3 -
   python gpustack.py embed -m bge-m3 "first text" "second text"
   python gpustack.py rerank -m bge-reranker-v2-m3 "capital of France?" "Paris ..." "Berlin ..."
+  python gpustack.py doctor -m qwen3 -m bge-m3
 
-exit codes: 0 ok, 2 usage, 3 server error, 4 no connection, 130 interrupted.
+exit codes: 0 ok, 1 a doctor check failed, 2 usage, 3 server error, 4 no connection, 130 interrupted.
 The API key is read from GPUSTACK_API_KEY or --api-key-file, never from the command line."""
 
 
@@ -2785,6 +2964,10 @@ def _parser() -> argparse.ArgumentParser:
 
     models = command("models", "list models with a running instance and their categories")
     models.add_argument("--category", action="append", choices=MODEL_CATEGORIES, help="only this category (repeatable)")
+
+    doctor = command("doctor", "check that the server, the key and the models are ready for Agno agents")
+    doctor.add_argument("-m", "--model", action="append", default=[], help="a model to check (repeatable)")
+    doctor.add_argument("--all", action="store_true", help="check every running model")
     return parser
 
 
@@ -2812,9 +2995,18 @@ def _client_options(args: argparse.Namespace) -> Dict[str, Any]:
     return options
 
 
-def _run(args: argparse.Namespace, out: Any) -> None:
+def _run(args: argparse.Namespace, out: Any) -> Optional[int]:
     options = _client_options(args)
     as_json = getattr(args, "json", False)
+    if args.command == "doctor":
+        report = diagnose(options.get("base_url"), options.get("api_key"), args.model, args.all,
+                          options.get("timeout", DOCTOR_TIMEOUT), options.get("verify", True))
+        out.write(json.dumps(report) + "\n" if as_json else _report_text(report))
+        if not report["reachable"]:
+            return EXIT_CONNECTION
+        if not report["checks"][0]["ok"]:
+            return EXIT_SERVER
+        return 0 if report["ok"] else EXIT_CHECK_FAILED
     if args.command == "models":
         models = list_models(categories=args.category, **{k: v for k, v in options.items() if k != "max_retries"})
         if as_json:
@@ -2832,11 +3024,11 @@ def _run(args: argparse.Namespace, out: Any) -> None:
                 _print_stream(answer, out)  # type: ignore[arg-type]
             else:
                 out.write(json.dumps({"content": answer}) + "\n" if as_json else f"{answer}\n")
-            return
+            return None
         messages = ([Message(role="system", content=args.system)] if args.system else []) + [Message(role="user", content=text)]
         if stream:
             _print_stream((piece.content for piece in model.invoke_stream(messages) if piece.content), out)
-            return
+            return None
         response = model.invoke(messages)
         if as_json:
             usage = response.response_usage
@@ -2860,6 +3052,18 @@ def _run(args: argparse.Namespace, out: Any) -> None:
             out.write(json.dumps(results) + "\n")
         for result in [] if as_json else results:
             out.write(f"{result['relevance_score']:.4f}\t{result['document']}\n")
+    return None
+
+
+def _report_text(report: Dict[str, Any]) -> str:
+    lines = []
+    for check in report["checks"]:
+        name = f"{check['model']} {check['check']}" if check["model"] else check["check"]
+        lines.append(f"{'✓' if check['ok'] else '✗'} {name}: {check['detail']} ({check['seconds']:.2f} s)")
+        if check["fix"]:
+            lines.append(f"  fix: {check['fix']}")
+    lines.append("ready for Agno agents" if report["ok"] else "not ready: see the ✗ lines")
+    return "\n".join(lines) + "\n"
 
 
 def _print_stream(pieces: Iterator[str], out: Any) -> None:
@@ -2881,7 +3085,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     logging.getLogger("agno").setLevel(logging.ERROR)  # one line on stderr: ours, not each retry's warning
     try:
-        _run(args, sys.stdout)
+        code = _run(args, sys.stdout)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return EXIT_INTERRUPTED
@@ -2893,7 +3097,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return 0  # the reader of our output went away (e.g. `| head`)
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -2792,3 +2792,111 @@ def test_gateway_no_healthy_upstream_is_looked_into_too(fake):
 def test_successful_call_makes_no_lookup(model, fake):
     model.invoke(user())
     assert [seen.path for seen in fake.requests] == ["/v1/chat/completions"]
+
+
+# doctor ######################################################################################################
+
+
+def doctor_chat(tool_parser: bool = True):
+    """A chat backend as the doctor's four requests meet it; without a tool parser, as vLLM answers tools."""
+
+    def respond(h, seen):
+        body = seen.json
+        if body.get("tools") and not tool_parser:
+            send(h, 400, json.dumps(backend_error_body(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "vllm")).encode())
+        elif body.get("tools"):
+            call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Paris"}'}}
+            send(h, 200, json.dumps(chat_answer(None, tool_calls=[call])).encode())
+        elif body.get("stream"):
+            stream(REAL_STREAM)(h, seen)
+        elif body.get("response_format"):
+            send(h, 200, json.dumps(chat_answer('{"ok": true}')).encode())
+        else:
+            send(h, 200, json.dumps(chat_answer("OK")).encode())
+
+    return respond
+
+
+def gpustack_deployment(fake, tool_parser: bool = True, key: str = "gpustack_doctor_key_123"):
+    def authorized(responder):
+        def respond(h, seen):
+            if seen.headers.get("Authorization") != f"Bearer {key}":
+                send(h, 401, REAL_401)
+            else:
+                responder(h, seen)
+        return respond
+
+    fake.on("/healthz", reply(200, b'"ok"'))
+    fake.on("/version", reply(200, {"version": "v2.3.0", "git_commit": "63a03ba"}))
+    fake.on("/v1/models", authorized(running_models({"qwen3": "llm", "bge-m3": "embedding", "bge-reranker-v2-m3": "reranker"})))
+    fake.on("/v2/my-models", authorized(reply(200, {"items": [], "pagination": {}})))
+    fake.on("/v1/chat/completions", authorized(doctor_chat(tool_parser)))
+    fake.on("/v1/embeddings", authorized(echo_embedder(4)))
+    fake.on("/v1/rerank", authorized(overlap_reranker))
+
+
+def outcome(report) -> List[tuple]:
+    return [(check["model"], check["check"], check["ok"]) for check in report["checks"]]
+
+
+def test_doctor_on_a_healthy_deployment(fake):
+    gpustack_deployment(fake)
+    report = gpustack.diagnose(fake.url, "gpustack_doctor_key_123", all_models=True, timeout=5)
+    assert report["ok"] and report["version"] == "v2.3.0" and report["reachable"]
+    assert outcome(report) == [
+        (None, "server", True), (None, "API key", True), (None, "running models", True),
+        ("qwen3", "chat", True), ("qwen3", "stream", True), ("qwen3", "tools", True), ("qwen3", "json_schema", True),
+        ("bge-m3", "embedding", True), ("bge-reranker-v2-m3", "rerank", True),
+    ]
+    details = {(c["model"], c["check"]): c["detail"] for c in report["checks"]}
+    assert details[(None, "API key")] == "accepted; scopes: inference, management"
+    assert details[(None, "running models")] == "qwen3 (llm); bge-m3 (embedding); bge-reranker-v2-m3 (reranker)"
+    assert details[("qwen3", "tools")] == "tool_calls returned" and details[("bge-m3", "embedding")] == "4 dimensions"
+    assert details[("qwen3", "stream")] == "4 pieces, usage reported"
+
+
+def test_doctor_names_the_missing_tool_parser(fake):
+    gpustack_deployment(fake, tool_parser=False)
+    report = gpustack.diagnose(fake.url, "gpustack_doctor_key_123", models=["qwen3"], timeout=5)
+    assert not report["ok"]
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert [(c["model"], c["check"]) for c in failed] == [("qwen3", "tools")]
+    assert failed[0]["detail"].endswith("add `--enable-auto-tool-choice --tool-call-parser=<parser>` to its Backend "
+                                        "Parameters on GPUStack (e.g. `hermes` for Qwen).")
+
+
+def test_doctor_says_a_stopped_model_is_stopped(fake):
+    gpustack_deployment(fake)
+    fake.on("/v1/chat/completions", reply(503, REAL_503_NO_INSTANCE))
+    fake.on("/v2/models", reply(200, {"items": [v2_item("ghost-stopped", 0)], "pagination": {}}))
+    report = gpustack.diagnose(fake.url, "gpustack_doctor_key_123", models=["ghost-stopped"], timeout=5)
+    assert outcome(report)[-1] == ("ghost-stopped", "chat", False)
+    assert report["checks"][-1]["detail"].endswith("ghost-stopped is stopped (0 replicas): start it in GPUStack.")
+
+
+def test_doctor_with_a_wrong_key_exits_1_with_the_fix(fake):
+    gpustack_deployment(fake)
+    done = cli(fake, "doctor", "-m", "qwen3", key="gpustack_wrong_key_000")
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("✓ server: GPUStack v2.3.0 at " + fake.url)
+    assert lines[1].startswith("✗ API key: Invalid authentication credentials (HTTP 401 from GET " + fake.url + "/v1/models")
+    assert lines[-1] == "not ready: see the ✗ lines" and "gpustack_wrong_key_000" not in done.stdout
+
+
+def test_doctor_cli_healthy_json_exits_0(fake):
+    gpustack_deployment(fake)
+    done = cli(fake, "doctor", "--all", "--json", key="gpustack_doctor_key_123")
+    assert done.returncode == 0 and json.loads(done.stdout)["ok"] is True
+
+
+def test_doctor_without_a_server_exits_4(fake):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    done = subprocess.run([sys.executable, os.path.join(HERE, "gpustack.py"), "doctor", "--server", url],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 4
+    assert done.stdout.startswith(f"✗ server: Cannot connect to GPUStack at {url}/healthz")
