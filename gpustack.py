@@ -795,11 +795,29 @@ def _connect(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> N
     conn.sock.settimeout(read_timeout)
 
 
+ONE_WRITE_BYTES = 64 * 1024  # a request up to this size goes out in one write, headers and body together
+
+
+def _send_whole(conn: Any, message_body: Any, encode_chunked: bool, send_output: Callable[..., None]) -> None:
+    """http.client writes the headers, then the body: two system calls and two packets a call.
+    A small body joins the headers in one write; a large one (images, audio) is not copied."""
+    if isinstance(message_body, bytes) and not encode_chunked and len(message_body) <= ONE_WRITE_BYTES:
+        conn._buffer.extend((b"", message_body))
+        message = b"\r\n".join(conn._buffer)
+        del conn._buffer[:]
+        conn.send(message)
+        return
+    send_output(message_body, encode_chunked)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
 
     def connect(self) -> None:
         _connect(self, super().connect)
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        _send_whole(self, message_body, encode_chunked, super()._send_output)  # type: ignore[misc]
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
@@ -807,6 +825,9 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         _connect(self, self._tcp_then_tls)
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        _send_whole(self, message_body, encode_chunked, super()._send_output)  # type: ignore[misc]
 
     def _tcp_then_tls(self) -> None:
         http.client.HTTPConnection.connect(self)  # TCP, and the proxy's CONNECT tunnel if any
@@ -918,10 +939,21 @@ _PROXY_VARIABLES = tuple(
 )
 
 
+def _proxy_environment() -> Tuple[Optional[Any], ...]:
+    """The proxy variables as they are now, read on every call as urllib does (10 us through ``os.environ``,
+    whose ``get`` raises and catches a KeyError per absent name: on POSIX, its dict is read directly)."""
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        return tuple(map(data.get, _PROXY_KEYS))
+    return tuple(map(os.environ.get, _PROXY_VARIABLES))
+
+
+_PROXY_KEYS = tuple(os.fsencode(name) for name in _PROXY_VARIABLES)
+
+
 def _opener(verify: Union[bool, str]) -> Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]:
     """One opener per TLS setting and proxy environment, shared by every model, so connections are reused."""
-    environ = os.environ
-    key = (verify if isinstance(verify, str) else bool(verify), tuple(environ.get(name) for name in _PROXY_VARIABLES))
+    key = (verify if isinstance(verify, str) else bool(verify), _proxy_environment())
     found = _OPENERS.get(key)
     if found is not None:
         return found
@@ -984,7 +1016,8 @@ class _Transport:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         for name, value in settings.headers or ():
             headers[name] = value
-        self._headers = headers
+        # Built once, for plain and for streamed answers; urllib's Request copies them.
+        self._headers = {False: {**headers, "Accept": "application/json"}, True: {**headers, "Accept": "text/event-stream"}}
 
     def url(self, path: str) -> str:
         """``chat/completions`` is under /v1; a path from the root (``/v2/models``) is taken as it is."""
@@ -1015,8 +1048,7 @@ class _Transport:
         settings = self.settings
         url = self.url(path)
         data = self._encode(body)
-        headers = dict(self._headers)
-        headers["Accept"] = "text/event-stream" if stream else "application/json"
+        headers = self._headers[stream]
         opener, _ = _opener(settings.verify)
         guard = _GUARD.get()
         attempt = 0
