@@ -322,6 +322,8 @@ def _context_hint(backend: str, limit: Optional[int], prompt: Optional[int]) -> 
     )
 
 
+_OTHER_TASK_HINT = "The model is deployed for another task than this request's (see its category in GPUStack, or list_models())."
+
 # Deployments that lack a backend parameter a request needs: (words, what to change). Never retried.
 _DEPLOYMENT_FIXES = [
     ('"auto" tool choice requires --enable-auto-tool-choice',
@@ -336,8 +338,7 @@ _DEPLOYMENT_FIXES = [
      "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
     ("Failed to transform json schema",
      "The schema uses features the backend's grammar engine lacks: simplify the schema or set strict_output=False."),
-    ("The model does not support",
-     "The model is deployed for another task than this request's (see its category in GPUStack, or list_models())."),
+    ("The model does not support", _OTHER_TASK_HINT),
 ]
 
 
@@ -428,8 +429,7 @@ def _server_error(status: int, words: str, code: Optional[str], where: str, sett
         return _provider_error(f"{shown} {_context_hint(*overflow)}", status, settings, ContextWindowExceededError), False
     fix = _deployment_fix(words)
     if fix is None and status == 404 and words == "Not Found" and path in ("rerank", "embeddings"):
-        fix = (f"The model's backend has no /v1/{path}: the model is probably deployed for another task (see its "
-               "category in GPUStack, or list_models()), or base_url is not the GPUStack server.")
+        fix = f"The model's backend has no /v1/{path} (or base_url is not the GPUStack server). {_OTHER_TASK_HINT}"
     if fix is not None:
         return _provider_error(f"{shown} {fix}", status, settings), False
     hint = _error_hint(status, words, settings, location)
@@ -2667,6 +2667,8 @@ def _explained(error: ModelProviderError, settings: _Settings, path: str) -> Mod
             generic, found = _check_model_name(settings.model_id), _nearest_models(settings)
         elif error.status_code == 503 and _NOT_RUNNING_HINT in error.message:
             generic, found = _NOT_RUNNING_HINT, _readiness(settings)
+        elif _OTHER_TASK_HINT in error.message:
+            generic, found = _OTHER_TASK_HINT, _other_task(settings)
         else:
             return error
     except Exception:  # noqa: BLE001  # the lookup is a courtesy; the original error is what matters
@@ -2694,20 +2696,33 @@ def _nearest_models(settings: _Settings) -> str:
     name = str(settings.model_id)
     running = _running_ids(settings, deadline)
     if name in running:
-        for category in MODEL_CATEGORIES:
-            if time.monotonic() < deadline and name in _running_ids(settings, deadline, category):
-                wanted = _CLASS_FOR.get(category)
-                if wanted is not None and wanted != settings.model_name:
-                    return f"{name!r} is a{'n' if category[0] in 'aeiou' else ''} {category} model: use {wanted}."
-                if wanted is None:
-                    return f"{name!r} is a {category} model, which {settings.model_name} can't use."
-        return ""
+        return _category_note(settings, deadline)
     by_lower = {model.lower(): model for model in running}
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
     if not close:
         return ""
     return (f"Model {name!r} not found on GPUStack at {settings.root}. "
             f"Running models like it: {', '.join(by_lower[model] for model in close)}.")
+
+
+def _other_task(settings: _Settings) -> str:
+    """For a model deployed for another task: the category GPUStack lists it under, when it lists it."""
+    return _category_note(settings, time.monotonic() + DIAGNOSIS_SECONDS)
+
+
+def _category_note(settings: _Settings, deadline: float) -> str:
+    """``GPUStack lists 'bge-m3' as a model of category embedding: use GPUStackEmbeddings.``, asking one category at a time
+    (its /v1/models items don't carry their categories)."""
+    name = str(settings.model_id)
+    for category in MODEL_CATEGORIES:
+        if time.monotonic() >= deadline:
+            return ""
+        if name in _running_ids(settings, deadline, category):
+            wanted = _CLASS_FOR.get(category)
+            if wanted is None:
+                return f"GPUStack lists {name!r} as a model of category {category}, which {settings.model_name} can't use."
+            return f"GPUStack lists {name!r} as a model of category {category}: use {wanted}." if wanted != settings.model_name else ""
+    return ""
 
 
 def _readiness(settings: _Settings) -> str:

@@ -23,7 +23,7 @@ from agno.exceptions import ContextWindowExceededError, ModelProviderError, Mode
 from agno.models.message import Message
 
 import gpustack
-from gpustack import GPUStackChat
+from gpustack import GPUStackChat, GPUStackRerank
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -2470,13 +2470,13 @@ def invoke_every_way(model, how: str):
 
 
 @pytest.mark.parametrize("words, shape, flag, limit, prompt", CONTEXT_WORDINGS, ids=[f"{w[1]}-{i}" for i, w in enumerate(CONTEXT_WORDINGS)])
-@pytest.mark.parametrize("served", ["plain", "wrapped in 503"])
+@pytest.mark.parametrize("served", ["plain", "wrapped in 503", "stream answer"])
 def test_every_context_window_wording_is_agnos_context_window_error(model, fake, words, shape, flag, limit, prompt, served):
     body = backend_error_body(words, shape)
-    fake.on("/v1/chat/completions", reply(400, body) if served == "plain" else reply(503, wrapped_in_503(body)))
+    fake.on("/v1/chat/completions", reply(503, wrapped_in_503(body)) if served == "wrapped in 503" else reply(400, body))
     with pytest.raises(ContextWindowExceededError) as caught:
-        model.invoke(user())
-    where = (f"HTTP 400 from POST {fake.url}/v1/chat/completions" if served == "plain" else
+        list(model.invoke_stream(user())) if served == "stream answer" else model.invoke(user())
+    where = (f"HTTP 400 from POST {fake.url}/v1/chat/completions" if served != "wrapped in 503" else
              f"HTTP 400 from the model's backend, relayed by GPUStack as HTTP 503 from POST {fake.url}/v1/chat/completions")
     assert caught.value.message == f"{words} ({where}, code 400). {context_hint(flag, limit, prompt)}"
     assert caught.value.status_code == 400 and len(fake.requests) == 1
@@ -2570,10 +2570,25 @@ def test_missing_rerank_path_says_the_model_serves_another_task(reranker, fake):
     with pytest.raises(ModelProviderError) as caught:
         reranker.rerank("q", ["a"])
     assert caught.value.message == (
-        f"Not Found (HTTP 404 from POST {fake.url}/v1/rerank). The model's backend has no /v1/rerank: the model is "
-        "probably deployed for another task (see its category in GPUStack, or list_models()), or base_url is not "
-        "the GPUStack server."
+        f"Not Found (HTTP 404 from POST {fake.url}/v1/rerank). The model's backend has no /v1/rerank (or base_url is "
+        "not the GPUStack server). The model is deployed for another task than this request's (see its category in "
+        "GPUStack, or list_models())."
     )
+
+
+@pytest.mark.parametrize("path, make, call, said", [
+    ("/v1/rerank", lambda url: GPUStackRerank(id="qwen3", base_url=url), lambda m: m.rerank("q", ["a"]),
+     "GPUStack lists 'qwen3' as a model of category llm: use GPUStackChat."),
+    ("/v1/chat/completions", lambda url: GPUStackChat(id="bge-m3", base_url=url), lambda m: m.invoke(user()),
+     "GPUStack lists 'bge-m3' as a model of category embedding: use GPUStackEmbeddings."),
+])
+def test_model_deployed_for_another_task_names_its_category(fake, path, make, call, said):
+    fake.on("/v1/models", running_models(CATALOG))
+    body = {"error": {"message": "The model does not support Chat Completions API", "code": 400}}
+    fake.on(path, reply(404, {"detail": "Not Found"}) if path == "/v1/rerank" else reply(400, body))
+    with pytest.raises(ModelProviderError) as caught:
+        call(make(fake.url))
+    assert caught.value.message.endswith(said)
 
 
 def test_agent_compacts_history_and_succeeds_after_a_context_window_error(fake, tmp_path):
@@ -2686,7 +2701,7 @@ def test_model_name_under_another_category_says_which_class_to_use(fake):
     with pytest.raises(ModelProviderError) as caught:
         GPUStackChat(id="bge-m3", base_url=fake.url).invoke(user())
     assert caught.value.message.endswith("(HTTP 404 from POST " + fake.url + "/v1/chat/completions, code 404). "
-                                         "'bge-m3' is an embedding model: use GPUStackEmbeddings.")
+                                         "GPUStack lists 'bge-m3' as a model of category embedding: use GPUStackEmbeddings.")
 
 
 def test_unknown_model_name_with_nothing_close_keeps_the_plain_hint(fake):
@@ -2900,3 +2915,28 @@ def test_doctor_without_a_server_exits_4(fake):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 4
     assert done.stdout.startswith(f"✗ server: Cannot connect to GPUStack at {url}/healthz")
+
+
+def test_doctor_shows_context_length_and_voices_from_meta(fake):
+    gpustack_deployment(fake)
+    catalog = {"qwen3": ("llm", {"max_model_len": 8192}), "cosyvoice": ("text_to_speech", {"voices": ["Chinese Female", "English Male"]})}
+
+    def with_meta(h, seen):
+        from urllib.parse import parse_qs, urlsplit
+
+        wanted = parse_qs(urlsplit(seen.path).query).get("categories", [])
+        data = [{"id": mid, "object": "model", "meta": meta} for mid, (cat, meta) in catalog.items() if not wanted or cat in wanted]
+        send(h, 200, json.dumps({"data": data, "object": "list"}).encode())
+
+    fake.on("/v1/models", with_meta)
+    report = gpustack.diagnose(fake.url, "gpustack_doctor_key_123", timeout=5)
+    assert report["checks"][2]["detail"] == (
+        "qwen3 (llm, context 8192); cosyvoice (text_to_speech, voices Chinese Female, English Male)"
+    )
+
+
+def test_doctor_on_a_self_signed_server_says_which_flag_to_use(tls_fake):
+    report = gpustack.diagnose(tls_fake.url, "k", timeout=5)
+    assert not report["reachable"] and outcome(report) == [(None, "server", False)]
+    assert report["checks"][0]["fix"] == "use --ca-bundle FILE for a private CA, or --insecure for a self-signed certificate"
+    assert gpustack.diagnose(tls_fake.url, "k", timeout=5, verify=tls_fake.cert)["checks"][0]["ok"] is False  # answers, not GPUStack
