@@ -868,8 +868,7 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
     def _open(self, req: urllib.request.Request, conn_class: Type[http.client.HTTPConnection], extra: dict) -> _Reply:
         tunnel = getattr(req, "_tunnel_host", None)
         key = (req.type, req.host, tunnel)
-        headers = {name.title(): value for name, value in req.headers.items()}
-        headers.update({name.title(): value for name, value in req.unredirected_hdrs.items()})
+        headers = {name.title(): value for part in (req.headers, req.unredirected_hdrs) for name, value in part.items()}
         tunnel_headers = {}
         if tunnel and "Proxy-Authorization" in headers:
             # Through a CONNECT tunnel only the CONNECT is the proxy's to read; the server must not see it.
@@ -1111,12 +1110,12 @@ class _Transport:
         return _Reading(self, answer)
 
     def _decode(self, raw: bytes, reply: _Reply, url: str) -> Any:
-        content_type = reply.headers.get("Content-Type", "")
         try:
             if not raw.strip():
                 raise ValueError("empty body")
             return json.loads(raw)
         except ValueError:
+            content_type = reply.headers.get("Content-Type", "")
             words, _ = _error_text(raw, content_type)
             raise _provider_error(
                 f"GPUStack answered HTTP {reply.status} from {_redact_url(url)} with a body that is not JSON "
