@@ -61,10 +61,13 @@ from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelPro
 from agno.knowledge.document import Document
 from agno.knowledge.embedder.base import Embedder, aembed_texts_individually, pad_batch_embeddings, raise_embedding_error
 from agno.knowledge.reranker.base import Reranker
+from agno.media import Audio, Image
 from agno.metrics import MessageMetrics
 from agno.models.base import Model
 from agno.models.message import Message
 from agno.models.response import ModelResponse
+from agno.tools import Toolkit
+from agno.tools.function import ToolResult
 
 __version__ = "0.1.0"
 
@@ -72,6 +75,7 @@ __all__ = [
     "GPUStackChat",
     "GPUStackEmbeddings",
     "GPUStackRerank",
+    "GPUStackTools",
     "GPUStack",
     "list_models",
     "alist_models",
@@ -101,6 +105,7 @@ MAX_SSE_LINE_BYTES = 8 * 1024 * 1024  # one line of an event stream
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one event, all its data lines together
 MAX_SSE_BYTES_WITHOUT_DATA = 1024 * 1024  # comments and empty events in a row: a stream that says nothing
 DRAIN_AFTER_DONE_BYTES = 64 * 1024  # read past [DONE] to reuse the connection, no further
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # one whole answer (an image as base64 is a few MiB); more is refused
 
 POOL_MAX_IDLE_PER_HOST = 256
 POOL_MAX_IDLE_SECONDS = 30.0
@@ -687,6 +692,26 @@ class _Reply:
     def read(self, limit: Optional[int] = None) -> bytes:
         return self._resp.read(limit) if limit is not None else self._resp.read()
 
+    def read_capped(self, cap: int) -> Optional[bytes]:
+        """The whole body, or None when it is longer than ``cap`` (then no more of it is read).
+
+        With a Content-Length, ``read()`` raises on a body cut short (a ``read(n)`` would return the
+        part silently); a chunked body raises on a cut in any read.
+        """
+        resp = self._resp
+        if resp.length is not None:
+            return resp.read() if resp.length <= cap else None
+        parts: List[bytes] = []
+        size = 0
+        while True:
+            block = resp.read(READ_BLOCK_BYTES)
+            if not block:
+                return b"".join(parts)
+            size += len(block)
+            if size > cap:
+                return None
+            parts.append(block)
+
     def blocks(self) -> Iterator[bytes]:
         """The body as it arrives: each block is what one read of the socket returned."""
         read1 = self._resp.read1
@@ -1042,12 +1067,16 @@ class _Transport:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Request body for GPUStack cannot be sent as JSON: {exc}") from None
 
-    def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False) -> _Reply:
-        """Send one request, retrying what can succeed later; return a 2xx reply or raise."""
+    def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False,
+             form: Optional[Tuple[bytes, str]] = None) -> _Reply:
+        """Send one request, retrying what can succeed later; return a 2xx reply or raise.
+
+        ``form`` is a multipart body and its content type, built once so a retry sends the same bytes.
+        """
         settings = self.settings
         url = self.url(path)
-        data = self._encode(body)
-        headers = self._headers[stream]
+        data = self._encode(body) if form is None else form[0]
+        headers = self._headers[stream] if form is None else {**self._headers[stream], "Content-Type": form[1]}
         opener, _ = _opener(settings.verify)
         guard = _GUARD.get()
         attempt = 0
@@ -1089,18 +1118,25 @@ class _Transport:
         An error object inside a 200 (some gateways send one) raises like any other error.
         """
         reply = self.open(method, path, body)
-        url = self.url(path)
-        try:
-            raw = reply.read()
-        except (OSError, http.client.HTTPException) as exc:
-            reply.close()
-            raise self._lost(exc, method, url) from None
-        reply.finish()
-        answer = self._decode(raw, reply, url)
+        answer = self._decode(self.whole(reply, method, path), reply, self.url(path))
         _raise_if_error_event(answer, "", self.settings)
         if expect and not isinstance(answer.get(expect), list):
             raise self.malformed(f"no {expect!r} list", answer)
         return answer
+
+    def whole(self, reply: _Reply, method: str, path: str) -> bytes:
+        """The whole body of a reply, up to MAX_ANSWER_BYTES: a larger answer is an error, not a memory spike."""
+        try:
+            raw = reply.read_capped(MAX_ANSWER_BYTES)
+        except (OSError, http.client.HTTPException) as exc:
+            reply.close()
+            raise self._lost(exc, method, self.url(path)) from None
+        if raw is None:
+            reply.close()
+            raise _provider_error(f"GPUStack's answer to {method} {_redact_url(self.url(path))} is larger than "
+                                  f"{MAX_ANSWER_BYTES // 2**20} MiB; it was not read.", 502, self.settings)
+        reply.finish()
+        return raw
 
     def malformed(self, problem: str, answer: Any) -> ModelProviderError:
         """The one error for a 2xx answer that is not what the endpoint promises."""
@@ -2576,6 +2612,303 @@ class GPUStackRerank(Reranker):
         return await _in_thread(self.rerank, query, documents, limit, top_n)
 
 
+# Tools: images, speech, transcription #########################################
+# GPUStack's image, text-to-speech and speech-to-text models as Agno tools. Same transport,
+# retries, error mapping and key handling as the models above.
+
+DEFAULT_MEDIA_TIMEOUT = 900.0  # seconds to wait for data: an image can take minutes, and 2.3 streams no progress
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+_AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav",
+                "pcm": "audio/pcm"}
+
+
+def _image_type(data: bytes) -> str:
+    """The image's MIME type from its first bytes; backends say PNG but may send JPEG or WebP."""
+    for magic, mime in _IMAGE_SIGNATURES:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def _multipart(fields: Sequence[Tuple[str, Any]]) -> Tuple[bytes, str]:
+    """A multipart/form-data body and its content type. A field's value is a string, or
+    (filename, bytes, content type) for a file. Never a ``stream`` field: GPUStack reads any value as true."""
+    def quoted(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+    contents = [value[1] if isinstance(value, tuple) else str(value).encode() for _, value in fields]
+    boundary = "gpustack-" + os.urandom(12).hex()
+    while any(boundary.encode() in content for content in contents):
+        boundary = "gpustack-" + os.urandom(12).hex()
+    parts = []
+    for (name, value), content in zip(fields, contents):
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{quoted(name)}"'
+        if isinstance(value, tuple):
+            head += f'; filename="{quoted(value[0])}"\r\nContent-Type: {value[2]}'
+        parts.append(head.encode() + b"\r\n\r\n" + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _raise_if_status_body(answer: Any, settings: _Settings) -> None:
+    """VoxBox answers its errors with HTTP 200 and ``{"status_code": 500, "detail": ...}``."""
+    if isinstance(answer, dict) and isinstance(answer.get("status_code"), int) and answer["status_code"] >= 400:
+        raise _provider_error(f"{answer.get('detail') or 'error'} (HTTP 200 carrying status {answer['status_code']}).",
+                              answer["status_code"], settings)
+
+
+class GPUStackTools(Toolkit):
+    """GPUStack's image, speech and transcription models as tools for an Agno agent.
+
+        agent = Agent(model=GPUStackChat(id="qwen3"), tools=[GPUStackTools(image_model="flux.1-schnell")])
+        agent.run("Draw a lighthouse at dusk").images
+
+    Each ``*_model`` left unset is the one running model of its category on the server, found the
+    first time it is needed. Plain methods for scripts: ``image()``, ``speech()``, ``transcribe()``.
+    """
+
+    def __init__(
+        self,
+        image_model: Optional[str] = None,
+        speech_model: Optional[str] = None,
+        transcription_model: Optional[str] = None,
+        *,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: float = DEFAULT_MEDIA_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        verify: Union[bool, str] = True,
+        headers: Optional[Dict[str, str]] = None,
+        image_size: str = "1024x1024",
+        speech_format: str = "mp3",
+        enable_generate_image: bool = True,
+        enable_edit_image: bool = True,
+        enable_generate_speech: bool = True,
+        enable_transcribe_audio: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if speech_format not in _AUDIO_TYPES:
+            raise ValueError(f"speech_format must be one of {', '.join(_AUDIO_TYPES)}, got {speech_format!r}")
+        self.base_url = _server_root(base_url)
+        self.api_key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)
+        self._settings = _settings(self.base_url, self.api_key or "", timeout, max_retries, verify, headers,
+                                   model_name="GPUStackTools", connect_timeout=connect_timeout)
+        self.models: Dict[str, Optional[str]] = {"image": image_model, "text_to_speech": speech_model,
+                                                 "speech_to_text": transcription_model}
+        self.image_size, self.speech_format = image_size, speech_format
+        chosen: List[Tuple[bool, Callable[..., Any], Callable[..., Any], str]] = [
+                  (enable_generate_image, self.generate_image, self.agenerate_image, "generate_image"),
+                  (enable_edit_image, self.edit_image, self.aedit_image, "edit_image"),
+                  (enable_generate_speech, self.generate_speech, self.agenerate_speech, "generate_speech"),
+                  (enable_transcribe_audio, self.transcribe_audio, self.atranscribe_audio, "transcribe_audio")]
+        super().__init__(name=kwargs.pop("name", "gpustack_tools"), tools=[sync for on, sync, _, _ in chosen if on],
+                         async_tools=[(asynchronous, name) for on, _, asynchronous, name in chosen if on], **kwargs)
+
+    def __repr__(self) -> str:
+        return f"GPUStackTools(base_url={self.base_url!r}, models={self.models!r})"
+
+    def _transport(self, category: str) -> _Transport:
+        return _Transport(dataclasses.replace(self._settings, model_id=self._model(category)))
+
+    def _model(self, category: str) -> str:
+        """The model for a category: the one set, or the only running model of that category."""
+        chosen = self.models[category]
+        if chosen:
+            return chosen
+        running = _running_ids(self._settings, time.monotonic() + self._settings.timeout, category)
+        if len(running) != 1:
+            setting = {"image": "image_model", "text_to_speech": "speech_model", "speech_to_text": "transcription_model"}
+            found = f"running: {', '.join(running)}" if running else "none is running"
+            raise ValueError(f"GPUStackTools needs {setting[category]}=...: GPUStack has {len(running)} {category} "
+                             f"models ({found}).")
+        self.models[category] = running[0]
+        return running[0]
+
+    # -- for scripts: plain methods that raise ---------------------------------------
+
+    def image(self, prompt: str, size: Optional[str] = None, negative_prompt: Optional[str] = None,
+              seed: Optional[int] = None, n: int = 1) -> List[Image]:
+        """Generate images: ``GPUStackTools(image_model="flux").image("a lighthouse")[0].content``."""
+        transport = self._transport("image")
+        body: Dict[str, Any] = {"model": transport.settings.model_id, "prompt": prompt, "n": n,
+                                "size": size or self.image_size, "response_format": "b64_json"}
+        if negative_prompt:
+            body["negative_prompt"] = negative_prompt
+        if seed is not None:
+            body["seed"] = seed
+        return self._images(transport, transport.call("POST", "images/generations", body, expect="data"))
+
+    def edit(self, prompt: str, image: bytes, size: Optional[str] = None) -> List[Image]:
+        """Edit an image: ``tools.edit("make it night", open("day.png", "rb").read())``."""
+        transport = self._transport("image")
+        form = _multipart([("model", transport.settings.model_id), ("prompt", prompt),
+                           ("image", (f"image.{_image_type(image).split('/')[-1]}", image, _image_type(image))),
+                           ("size", size or self.image_size), ("response_format", "b64_json")])
+        reply = transport.open("POST", "images/edits", None, form=form)
+        answer = transport._decode(transport.whole(reply, "POST", "images/edits"), reply, transport.url("images/edits"))
+        _raise_if_error_event(answer, "", transport.settings)
+        return self._images(transport, answer)
+
+    def _images(self, transport: _Transport, answer: Dict[str, Any]) -> List[Image]:
+        _raise_if_status_body(answer, transport.settings)
+        with transport.reading(answer):
+            items = answer.get("data")
+            if not isinstance(items, list) or not items:
+                raise _Malformed("no images")
+            images = []
+            for item in items:
+                data = base64.b64decode(item["b64_json"], validate=True)
+                images.append(Image(content=data, mime_type=_image_type(data)))
+            return images
+
+    def voices(self) -> List[str]:
+        """The speech model's voices, as GPUStack lists them in its ``meta`` (empty when it doesn't)."""
+        transport = self._transport("text_to_speech")
+        answer = _lookup(transport.settings, time.monotonic() + self._settings.connect_timeout + 5).call(
+            "GET", "models?categories=text_to_speech&with_meta=true", expect="data")
+        for item in answer["data"]:
+            if isinstance(item, dict) and item.get("id") == transport.settings.model_id and isinstance(item.get("meta"), dict):
+                return [str(voice) for voice in item["meta"].get("voices") or []]
+        return []
+
+    def speech(self, text: str, voice: Optional[str] = None, response_format: Optional[str] = None) -> Audio:
+        """Speak ``text``: ``GPUStackTools(speech_model="cosyvoice").speech("Hello").content`` (mp3 bytes)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("generate_speech needs some text to speak")
+        transport = self._transport("text_to_speech")
+        known = self.voices()
+        if voice is not None and known and voice not in known:
+            raise ValueError(f"Unknown voice {voice!r} for {transport.settings.model_id}; its voices: {', '.join(known)}")
+        chosen_format = response_format or self.speech_format
+        body = {"model": transport.settings.model_id, "input": text, "voice": voice or (known[0] if known else None),
+                "response_format": chosen_format}
+        if body["voice"] is None:
+            del body["voice"]
+        reply = transport.open("POST", "audio/speech", body)
+        data = transport.whole(reply, "POST", "audio/speech")
+        content_type = reply.headers.get("Content-Type", "")
+        if "json" in content_type or data[:1] == b"{":
+            answer = transport._decode(data, reply, transport.url("audio/speech"))
+            _raise_if_status_body(answer, transport.settings)
+            _raise_if_error_event(answer, "", transport.settings)
+            raise transport.malformed("JSON where audio was expected", answer)
+        mime = content_type.split(";")[0].strip() or _AUDIO_TYPES[chosen_format]
+        return Audio(content=data, mime_type=mime, format=chosen_format)
+
+    def transcribe(self, audio: bytes, filename: str = "audio.wav", language: Optional[str] = None) -> str:
+        """The text of some audio: ``tools.transcribe(open("note.wav", "rb").read())``."""
+        transport = self._transport("speech_to_text")
+        extension = os.path.splitext(filename)[1].lstrip(".").lower()
+        mime = _AUDIO_TYPES.get(extension) or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        fields: List[Tuple[str, Any]] = [("model", transport.settings.model_id), ("file", (filename, audio, mime)),
+                                         ("response_format", "json")]
+        if language:
+            fields.append(("language", language))
+        reply = transport.open("POST", "audio/transcriptions", None, form=_multipart(fields))
+        answer = transport._decode(transport.whole(reply, "POST", "audio/transcriptions"), reply,
+                                   transport.url("audio/transcriptions"))
+        _raise_if_status_body(answer, transport.settings)
+        _raise_if_error_event(answer, "", transport.settings)
+        if not isinstance(answer.get("text"), str):
+            raise transport.malformed("no 'text'", answer)
+        return answer["text"]
+
+    def transcribe_file(self, path: str, language: Optional[str] = None) -> str:
+        """The text of an audio file, for scripts and the command line (not a tool: a model must not pick files)."""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise ValueError(f"Cannot read the audio file {path}: {exc.strerror}") from None
+        return self.transcribe(data, os.path.basename(path) or "audio.wav", language)
+
+    # -- the tools an agent calls: errors go back to the model as text --------------------
+
+    def generate_image(self, prompt: str, size: Optional[str] = None, negative_prompt: Optional[str] = None,
+                       seed: Optional[int] = None) -> ToolResult:
+        """Generate an image from a text description.
+
+        Args:
+            prompt: What the image shows, in detail.
+            size: Width x height in pixels, such as "1024x1024" (optional).
+            negative_prompt: What the image must not show (optional).
+            seed: A number that makes the result repeatable (optional).
+        """
+        return self._tool(lambda: self._made(self.image(prompt, size, negative_prompt, seed), prompt))
+
+    def edit_image(self, prompt: str, images: Optional[Sequence[Image]] = None) -> ToolResult:
+        """Edit the image the user attached, as the prompt describes.
+
+        Args:
+            prompt: The change to make.
+        """
+        def edit() -> ToolResult:
+            if not images:
+                return ToolResult(content="No image is attached to this conversation to edit.")
+            data = images[0].get_content_bytes()
+            if not data:
+                return ToolResult(content="The attached image could not be read.")
+            return self._made(self.edit(prompt, data), prompt)
+
+        return self._tool(edit)
+
+    def generate_speech(self, text: str, voice: Optional[str] = None) -> ToolResult:
+        """Turn text into spoken audio.
+
+        Args:
+            text: The words to speak.
+            voice: The voice to use (optional; the model's first voice when not given).
+        """
+        def speak() -> ToolResult:
+            audio = self.speech(text, voice)
+            return ToolResult(content=f"Spoke {len(text)} characters as {audio.mime_type} audio.", audios=[audio])
+
+        return self._tool(speak)
+
+    def transcribe_audio(self, audios: Optional[Sequence[Audio]] = None) -> str:
+        """Transcribe the audio the user attached to this conversation into text."""
+        if not audios:
+            return "No audio is attached to this conversation to transcribe."
+        try:
+            texts = [self.transcribe(audio.get_content_bytes() or b"", f"audio.{audio.format or 'wav'}") for audio in audios]
+        except (ModelProviderError, ValueError) as error:
+            return f"Error: {error}"
+        return "\n".join(texts)
+
+    async def agenerate_image(self, prompt: str, size: Optional[str] = None, negative_prompt: Optional[str] = None,
+                              seed: Optional[int] = None) -> ToolResult:
+        """Generate an image from a text description (async)."""
+        return await _in_thread(self.generate_image, prompt, size, negative_prompt, seed)
+
+    async def aedit_image(self, prompt: str, images: Optional[Sequence[Image]] = None) -> ToolResult:
+        """Edit the image the user attached, as the prompt describes (async)."""
+        return await _in_thread(self.edit_image, prompt, images)
+
+    async def agenerate_speech(self, text: str, voice: Optional[str] = None) -> ToolResult:
+        """Turn text into spoken audio (async)."""
+        return await _in_thread(self.generate_speech, text, voice)
+
+    async def atranscribe_audio(self, audios: Optional[Sequence[Audio]] = None) -> str:
+        """Transcribe the audio the user attached to this conversation into text (async)."""
+        return await _in_thread(self.transcribe_audio, audios)
+
+    @staticmethod
+    def _made(images: List[Image], prompt: str) -> ToolResult:
+        kinds = ", ".join(sorted({image.mime_type or "image" for image in images}))
+        return ToolResult(content=f"Generated {len(images)} image(s) ({kinds}) for: {prompt[:200]}", images=images)
+
+    @staticmethod
+    def _tool(run: Callable[[], ToolResult]) -> ToolResult:
+        """A tool's errors go back to the model as text, so it can tell the user or try otherwise."""
+        try:
+            return run()
+        except (ModelProviderError, ValueError) as error:
+            return ToolResult(content=f"Error: {error}")
+
+
 # The factory and model discovery ##############################################
 
 _MODEL_TYPES: Dict[str, Any] = {
@@ -2805,13 +3138,7 @@ class _Report:
 def _get(transport: _Transport, path: str) -> Any:
     """GET a JSON answer of any shape (``/healthz`` says just ``"ok"``)."""
     reply = transport.open("GET", path, None)
-    try:
-        raw = reply.read()
-    except (OSError, http.client.HTTPException) as exc:
-        reply.close()
-        raise transport._lost(exc, "GET", transport.url(path)) from None
-    reply.finish()
-    return transport._decode(raw, reply, transport.url(path))
+    return transport._decode(transport.whole(reply, "GET", path), reply, transport.url(path))
 
 
 def diagnose(
@@ -2959,6 +3286,9 @@ _EPILOG = """examples:
   echo "Summarise: ..." | python gpustack.py chat -m qwen3 -
   python gpustack.py embed -m bge-m3 "first text" "second text"
   python gpustack.py rerank -m bge-reranker-v2-m3 "capital of France?" "Paris ..." "Berlin ..."
+  python gpustack.py image -m flux.1-schnell "a lighthouse at dusk" -o lighthouse.png
+  python gpustack.py speak -m cosyvoice "Hello there" -o hello.mp3
+  python gpustack.py transcribe -m whisper note.wav
   python gpustack.py doctor -m qwen3 -m bge-m3
 
 exit codes: 0 ok, 1 a doctor check failed, 2 usage, 3 server error, 4 no connection, 130 interrupted.
@@ -3011,6 +3341,26 @@ def _parser() -> argparse.ArgumentParser:
     models = command("models", "list models with a running instance and their categories")
     models.add_argument("--category", action="append", choices=MODEL_CATEGORIES, help="only this category (repeatable)")
 
+    optional_model = argparse.ArgumentParser(add_help=False)
+    optional_model.add_argument("-m", "--model", help="model name on GPUStack (default: the one running model of its kind)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the bytes (- for stdout)")
+
+    image = command("image", "generate an image", optional_model, output)
+    image.add_argument("prompt")
+    image.add_argument("--size", default="1024x1024")
+    image.add_argument("-n", type=int, default=1, help="how many images (the 2nd goes to FILE-2.ext, ...)")
+    image.add_argument("--seed", type=int)
+
+    speak = command("speak", "turn text into speech", optional_model, output)
+    speak.add_argument("text", help="the text, or - to read it from stdin")
+    speak.add_argument("--voice")
+    speak.add_argument("--format", default="mp3", choices=sorted(_AUDIO_TYPES))
+
+    transcribe = command("transcribe", "print the text of an audio file", optional_model)
+    transcribe.add_argument("audio", help="the audio file, or - to read it from stdin")
+    transcribe.add_argument("--language")
+
     doctor = command("doctor", "check that the server, the key and the models are ready for Agno agents")
     doctor.add_argument("-m", "--model", action="append", default=[], help="a model to check (repeatable)")
     doctor.add_argument("--all", action="store_true", help="check every running model")
@@ -3053,6 +3403,9 @@ def _run(args: argparse.Namespace, out: Any) -> Optional[int]:
         if not report["checks"][0]["ok"]:
             return EXIT_SERVER
         return 0 if report["ok"] else EXIT_CHECK_FAILED
+    if args.command in ("image", "speak", "transcribe"):
+        _run_media(args, options, out)
+        return None
     if args.command == "models":
         models = list_models(categories=args.category, **{k: v for k, v in options.items() if k != "max_retries"})
         if as_json:
@@ -3099,6 +3452,41 @@ def _run(args: argparse.Namespace, out: Any) -> Optional[int]:
         for result in [] if as_json else results:
             out.write(f"{result['relevance_score']:.4f}\t{result['document']}\n")
     return None
+
+
+def _run_media(args: argparse.Namespace, options: Dict[str, Any], out: Any) -> None:
+    model = args.model
+    tools = GPUStackTools(image_model=model, speech_model=model, transcription_model=model,
+                          **{k: v for k, v in options.items() if v is not None})
+    if args.command == "image":
+        images = tools.image(args.prompt, args.size, seed=args.seed, n=args.n)
+        for number, image in enumerate(images, 1):
+            _write(args.output, image.content or b"", number)
+    elif args.command == "speak":
+        text = sys.stdin.read() if args.text == "-" else args.text
+        _write(args.output, tools.speech(text, args.voice, args.format).content or b"", 1)
+    else:
+        if args.audio == "-":
+            text = tools.transcribe(sys.stdin.buffer.read(), "audio.wav", args.language)
+        else:
+            text = tools.transcribe_file(args.audio, args.language)
+        out.write(json.dumps({"text": text}) + "\n" if getattr(args, "json", False) else text + "\n")
+
+
+def _write(path: str, data: bytes, number: int) -> None:
+    """Write bytes to a file (the n-th of several as FILE-n.ext) or, for ``-``, to stdout."""
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    if number > 1:
+        stem, ext = os.path.splitext(path)
+        path = f"{stem}-{number}{ext}"
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _report_text(report: Dict[str, Any]) -> str:
