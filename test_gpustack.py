@@ -3192,3 +3192,31 @@ def test_cli_image_speak_and_transcribe_write_real_files(fake, tmp_path):
     (tmp_path / "note.wav").write_bytes(WAV)
     done = cli(fake, "transcribe", str(tmp_path / "note.wav"))
     assert done.returncode == 0 and done.stdout == "hello\n"
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+@pytest.mark.parametrize("tool, arguments, attach, expect", [
+    ("edit_image", {"prompt": "make it night"}, {"images": [gpustack.Image(content=PNG)]}, "images"),
+    ("generate_speech", {"text": "Hello there"}, {}, "audio"),
+])
+def test_agent_edits_the_attached_image_and_speaks(tools, fake, use_async, tool, arguments, attach, expect):
+    from agno.agent import Agent
+
+    fake.on("/v1/images/edits", reply(200, image_answer(JPEG)))
+    fake.on("/v1/audio/speech", reply(200, MP3, "audio/mpeg"))
+    fake.on("/v1/chat/completions", agent_tool_turns(tool, arguments, "Done."))
+    agent = Agent(model=GPUStackChat(id="qwen3", base_url=fake.url), tools=[tools], send_media_to_model=False)
+    output = asyncio.run(agent.arun("Go", **attach)) if use_async else agent.run("Go", **attach)
+    assert output.content == "Done."
+    media = getattr(output, expect)
+    assert [item.content for item in media] == ([JPEG] if expect == "images" else [MP3])
+
+
+def test_speech_without_listed_voices_sends_none_and_maps_the_servers_refusal(fake):
+    fake.on("/v1/models", media_models({"dia": ("text_to_speech", {})}))
+    fake.on("/v1/audio/speech", reply(422, {"detail": [{"loc": ["body", "voice"], "msg": "field required"}]}))
+    tools = gpustack.GPUStackTools(base_url=fake.url)
+    with pytest.raises(ModelProviderError) as caught:
+        tools.speech("Hello")
+    assert caught.value.message.startswith("body.voice: field required (HTTP 422")
+    assert "voice" not in [s for s in fake.requests if s.path == "/v1/audio/speech"][0].json
