@@ -3220,3 +3220,28 @@ def test_speech_without_listed_voices_sends_none_and_maps_the_servers_refusal(fa
         tools.speech("Hello")
     assert caught.value.message.startswith("body.voice: field required (HTTP 422")
     assert "voice" not in [s for s in fake.requests if s.path == "/v1/audio/speech"][0].json
+
+
+def test_cancelled_async_image_tool_closes_its_connection_at_once(tools, fake):
+    def hold(h, seen):
+        try:
+            h.connection.settimeout(5)
+            h.connection.recv(1)
+        except OSError:
+            pass
+        fake.gone_at = time.monotonic()
+        fake.client_gone.set()
+
+    fake.on("/v1/images/generations", hold)
+
+    async def go() -> float:
+        task = asyncio.create_task(tools.agenerate_image("a slow picture"))
+        while not any(seen.path == "/v1/images/generations" for seen in fake.requests):
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic()
+
+    cancelled_at = asyncio.run(go())
+    assert fake.client_gone.wait(2) and fake.gone_at - cancelled_at < 0.5
