@@ -2636,7 +2636,7 @@ def _multipart(fields: Sequence[Tuple[str, Any]]) -> Tuple[bytes, str]:
     """A multipart/form-data body and its content type. A field's value is a string, or
     (filename, bytes, content type) for a file. Never a ``stream`` field: GPUStack reads any value as true."""
     def quoted(text: str) -> str:
-        return text.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+        return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")  # as browsers do (WHATWG)
 
     contents = [value[1] if isinstance(value, tuple) else str(value).encode() for _, value in fields]
     boundary = "gpustack-" + os.urandom(12).hex()

@@ -3245,3 +3245,25 @@ def test_cancelled_async_image_tool_closes_its_connection_at_once(tools, fake):
 
     cancelled_at = asyncio.run(go())
     assert fake.client_gone.wait(2) and fake.gone_at - cancelled_at < 0.5
+
+
+def test_wrapped_connection_failure_stays_retryable(model, fake):
+    body = {"error": {"message": "An unexpected error occurred: Worker request failed: 1 POST "
+                                 "http://10.0.0.5:40000/v1/chat/completions Cannot connect to host 10.0.0.5:40000",
+                      "code": 503, "type": "ServiceUnavailable"}}
+    fake.on("/v1/chat/completions", reply(503, body), reply(200, REAL_CHAT))
+    assert model.invoke(user()).content == "Hello" and len(fake.requests) == 2
+
+
+def test_cli_speak_to_stdout_and_transcribe_from_stdin(fake):
+    fake.on("/v1/models", media_models())
+    fake.on("/v1/audio/speech", reply(200, MP3, "audio/mpeg"))
+    fake.on("/v1/audio/transcriptions", reply(200, {"text": "hello"}))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}, "GPUSTACK_SERVER_URL": fake.url}
+    script = os.path.join(HERE, "gpustack.py")
+    spoken = subprocess.run([sys.executable, script, "speak", "Hello", "-o", "-"], capture_output=True, env=env, timeout=30)
+    assert spoken.returncode == 0 and spoken.stdout == MP3
+    heard = subprocess.run([sys.executable, script, "transcribe", "-", "--json"], input=WAV, capture_output=True,
+                           env=env, timeout=30)
+    assert heard.returncode == 0 and json.loads(heard.stdout) == {"text": "hello"}
+    assert multipart_fields([s for s in fake.requests if s.path == "/v1/audio/transcriptions"][0])[1][3] == WAV
