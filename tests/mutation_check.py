@@ -1,7 +1,7 @@
 """Does the suite notice when a safeguard is removed? For each safeguard in gpustack.py, copy the
 module with that safeguard disabled, run the suite against the copy, and list the survivors.
 
-    python tests/mutation_check.py            # every mutant, one after another (about 30 minutes)
+    python tests/mutation_check.py            # every mutant, one after another (about 45 minutes)
     python tests/mutation_check.py fork sse   # only mutants whose name contains one of these words
 
 Not part of CI: it takes too long. Exit code 1 if any mutant survived.
@@ -151,6 +151,30 @@ MUTANTS: List[Tuple[str, str, str]] = [
     ("doctor exits 1 when a check failed",
      '        return 0 if report["ok"] else EXIT_CHECK_FAILED',
      "        return 0"),
+    ("images always asked for as b64_json",
+     '"size": size or self.image_size, "response_format": "b64_json"}',
+     '"size": size or self.image_size, "response_format": "url"}'),
+    ("image MIME type read from its bytes",
+     "                images.append(Image(content=data, mime_type=_image_type(data)))",
+     '                images.append(Image(content=data, mime_type="image/png"))'),
+    ("VoxBox's 200-with-error is an error",
+     '    if isinstance(answer, dict) and isinstance(answer.get("status_code"), int) and answer["status_code"] >= 400:',
+     "    if False:"),
+    ("answers over the cap refused",
+     "            return resp.read() if resp.length <= cap else None",
+     "            return resp.read()"),
+    ("a body cut short is not taken whole",
+     "            return resp.read() if resp.length <= cap else None",
+     "            return resp.read(cap + 1) if resp.length <= cap else None"),
+    ("multipart boundary never in a part",
+     "    while any(boundary.encode() in content for content in contents):",
+     "    while False:"),
+    ("unknown voice refused before any request",
+     "        if voice is not None and known and voice not in known:",
+     "        if False:"),
+    ("reading a file is not a tool",
+     "tools=[sync for on, sync, _, _ in chosen if on],",
+     "tools=[sync for on, sync, _, _ in chosen if on] + [self.transcribe_file],"),
 ]
 
 
