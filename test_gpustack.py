@@ -644,8 +644,10 @@ def test_breaking_out_of_a_stream_closes_the_connection(model, fake):
     assert fake.client_gone.wait(5)
 
 
-def test_cancelled_ainvoke_closes_the_connection_at_once(model, fake):
-    def hold(h, seen):
+def held_until_gone(fake: Fake):
+    """Holds the request without answering until the client leaves, and notes when it did."""
+
+    def respond(h, seen):
         try:
             h.connection.settimeout(5)
             h.connection.recv(1)
@@ -654,18 +656,27 @@ def test_cancelled_ainvoke_closes_the_connection_at_once(model, fake):
         fake.gone_at = time.monotonic()
         fake.client_gone.set()
 
-    fake.on("/v1/chat/completions", hold)
+    return respond
+
+
+def cancelled_once_arrived(fake: Fake, path: str, start: Callable[[], Any]) -> float:
+    """Runs ``start()`` as a task, cancels it as soon as its request reaches the fake; when it was cancelled."""
 
     async def go() -> float:
-        task = asyncio.create_task(model.ainvoke(user()))
-        while not fake.requests:
+        task = asyncio.create_task(start())
+        while not any(seen.path == path for seen in fake.requests):
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         return time.monotonic()
 
-    cancelled_at = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_cancelled_ainvoke_closes_the_connection_at_once(model, fake):
+    fake.on("/v1/chat/completions", held_until_gone(fake))
+    cancelled_at = cancelled_once_arrived(fake, "/v1/chat/completions", lambda: model.ainvoke(user()))
     assert fake.client_gone.wait(2) and fake.gone_at - cancelled_at < 0.5
 
 
@@ -3223,27 +3234,8 @@ def test_speech_without_listed_voices_sends_none_and_maps_the_servers_refusal(fa
 
 
 def test_cancelled_async_image_tool_closes_its_connection_at_once(tools, fake):
-    def hold(h, seen):
-        try:
-            h.connection.settimeout(5)
-            h.connection.recv(1)
-        except OSError:
-            pass
-        fake.gone_at = time.monotonic()
-        fake.client_gone.set()
-
-    fake.on("/v1/images/generations", hold)
-
-    async def go() -> float:
-        task = asyncio.create_task(tools.agenerate_image("a slow picture"))
-        while not any(seen.path == "/v1/images/generations" for seen in fake.requests):
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return time.monotonic()
-
-    cancelled_at = asyncio.run(go())
+    fake.on("/v1/images/generations", held_until_gone(fake))
+    cancelled_at = cancelled_once_arrived(fake, "/v1/images/generations", lambda: tools.agenerate_image("a slow picture"))
     assert fake.client_gone.wait(2) and fake.gone_at - cancelled_at < 0.5
 
 
