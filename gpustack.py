@@ -116,7 +116,6 @@ ASYNC_STREAM_BACKLOG = 1024  # pieces a stream reader may run ahead of its async
 
 USER_AGENT = f"agno-gpustack/{__version__} (+python-urllib)"
 
-_NO_RETRY_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 _BACKEND_4XX = re.compile(r"Worker request failed:.*?status=4\d\d")
 
 
@@ -492,11 +491,9 @@ def _should_retry(status: int, message: str, headers: Any, diagnosed: Optional[b
         return verdict == "true"
     if diagnosed is not None:
         return diagnosed
-    if status in _NO_RETRY_STATUSES:
-        return False
     if status == 503 and _BACKEND_4XX.search(message):
         return False  # GPUStack wraps the backend's own 4xx into a 503; it fails the same way every time
-    return status in (408, 409, 429) or status >= 500
+    return status in (408, 409, 429) or status >= 500  # never another 4xx: it fails the same way every time
 
 
 def _should_retry_connection(exc: BaseException) -> bool:
