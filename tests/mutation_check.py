@@ -85,9 +85,11 @@ MUTANTS: List[Tuple[str, str, str]] = [
     ("no retry for a bad certificate",
      "    return not isinstance(reason, ssl.SSLCertVerificationError)",
      "    return True"),
-    ("redirects refused",
-     "            for part in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), handler):",
-     "            for part in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), handler, urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):"),
+    ("redirects refused (a transport that follows Location)",
+     "                if 200 <= reply.status < 300:\n                    return reply\n",
+     "                if 200 <= reply.status < 300:\n                    return reply\n"
+     "                if 300 <= reply.status < 400 and reply.headers.get(\"Location\"):\n"
+     "                    url = reply.headers[\"Location\"]\n                    reply.close()\n                    continue\n"),
     ("key redaction",
      '        text = text.replace(secret, "***")',
      "        pass"),
