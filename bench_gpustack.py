@@ -252,16 +252,23 @@ def first_token(model, text: str) -> float:
 # Measurements ######################################################################
 
 
-def per_call(fn: Callable[[], Any], n: int) -> Tuple[float, float]:
-    """Median wall seconds and mean CPU seconds per call."""
-    fn()
-    walls = []
-    cpu = time.process_time()
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - started)
-    return statistics.median(walls), (time.process_time() - cpu) / n
+def per_call_side_by_side(fns: List[Callable[[], Any]], n: int, rounds: int = 10) -> List[Tuple[float, float]]:
+    """Median wall and mean CPU per call for several clients, measured in interleaved rounds after a warm-up,
+    so that none is measured on a cold machine or in a quiet moment the others did not get."""
+    for fn in fns:
+        for _ in range(20):
+            fn()
+    walls: List[List[float]] = [[] for _ in fns]
+    cpus = [0.0 for _ in fns]
+    for _ in range(rounds):
+        for index, fn in enumerate(fns):
+            cpu = time.process_time()
+            for _ in range(max(1, n // rounds)):
+                started = time.perf_counter()
+                fn()
+                walls[index].append(time.perf_counter() - started)
+            cpus[index] += time.process_time() - cpu
+    return [(statistics.median(wall), cpu / len(wall)) for wall, cpu in zip(walls, cpus)]
 
 
 def cpu_of(fn: Callable[[], Any]) -> float:
@@ -325,9 +332,8 @@ def run(quick: bool) -> List[Dict[str, Any]]:
     def row(name: str, unit: str, o: Optional[float], p: Optional[float], lim: Optional[float]) -> None:
         rows.append({"measure": name, "unit": unit, "ours": o, "peer": p, "limit": lim})
 
-    wall_o, cpu_o = per_call(invoker(our_chat), calls)
-    wall_p, cpu_p = per_call(invoker(peer_chat), calls)
-    wall_l, cpu_l = per_call(limit.call, calls)
+    (wall_o, cpu_o), (wall_p, cpu_p), (wall_l, cpu_l) = per_call_side_by_side(
+        [invoker(our_chat), invoker(peer_chat), limit.call], calls)
     row("invoke: median wall per call", "ms", wall_o * 1e3, wall_p * 1e3, wall_l * 1e3)
     row("invoke: CPU per call", "ms", cpu_o * 1e3, cpu_p * 1e3, cpu_l * 1e3)
 
@@ -335,9 +341,8 @@ def run(quick: bool) -> List[Dict[str, Any]]:
 
     # No telemetry: its background delivery (to an address this machine can't reach) would bill its CPU to whichever row runs.
     agent_o, agent_p, agent_l = (Agent(model=model, telemetry=False) for model in (our_chat, peer_chat, thin_model(port)))
-    wall_o, cpu_o = per_call(lambda: agent_o.run("hi"), calls // 3)
-    wall_p, cpu_p = per_call(lambda: agent_p.run("hi"), calls // 3)
-    wall_l, cpu_l = per_call(lambda: agent_l.run("hi"), calls // 3)
+    (wall_o, cpu_o), (wall_p, cpu_p), (wall_l, cpu_l) = per_call_side_by_side(
+        [lambda: agent_o.run("hi"), lambda: agent_p.run("hi"), lambda: agent_l.run("hi")], calls // 3)
     row("Agent.run one turn: median wall", "ms", wall_o * 1e3, wall_p * 1e3, wall_l * 1e3)
     row("Agent.run one turn: CPU", "ms", cpu_o * 1e3, cpu_p * 1e3, cpu_l * 1e3)
 
