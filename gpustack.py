@@ -2692,8 +2692,8 @@ class GPUStackTools(Toolkit):
         if speech_format not in _AUDIO_TYPES:
             raise ValueError(f"speech_format must be one of {', '.join(_AUDIO_TYPES)}, got {speech_format!r}")
         self.base_url = _server_root(base_url)
-        self.api_key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)
-        self._settings = _settings(self.base_url, self.api_key or "", timeout, max_retries, verify, headers,
+        key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)  # kept only inside the settings
+        self._settings = _settings(self.base_url, key or "", timeout, max_retries, verify, headers,
                                    model_name="GPUStackTools", connect_timeout=connect_timeout)
         self.models: Dict[str, Optional[str]] = {"image": image_model, "text_to_speech": speech_model,
                                                  "speech_to_text": transcription_model}
@@ -2717,7 +2717,7 @@ class GPUStackTools(Toolkit):
         chosen = self.models[category]
         if chosen:
             return chosen
-        running = _running_ids(self._settings, time.monotonic() + self._settings.timeout, category)
+        running = _running_ids(self._settings, time.monotonic() + min(self._settings.timeout, 30.0), category)
         if len(running) != 1:
             setting = {"image": "image_model", "text_to_speech": "speech_model", "speech_to_text": "transcription_model"}
             found = f"running: {', '.join(running)}" if running else "none is running"

@@ -3259,3 +3259,10 @@ def test_cli_speak_to_stdout_and_transcribe_from_stdin(fake):
                            env=env, timeout=30)
     assert heard.returncode == 0 and json.loads(heard.stdout) == {"text": "hello"}
     assert multipart_fields([s for s in fake.requests if s.path == "/v1/audio/transcriptions"][0])[1][3] == WAV
+
+
+def test_tools_keep_the_key_out_of_repr_and_attributes(tools, fake):
+    assert "sk-test-secret" not in repr(tools) and "sk-test-secret" not in str(vars(tools))
+    fake.on("/v1/images/generations", reply(200, image_answer(PNG)))
+    tools.image("x")
+    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-test-secret-123456"
