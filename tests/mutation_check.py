@@ -195,7 +195,7 @@ def run(name: str, source: str, limit: float) -> Tuple[bool, str, float]:
             cwd=work, env=env, capture_output=True, text=True, timeout=limit,
         )
         seconds = time.monotonic() - started
-    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED test_", "ERROR test_"))]
     shown = ", ".join(test.split("::")[-1][:60] for test in failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
     return done.returncode != 0, shown, seconds
 
