@@ -1109,12 +1109,13 @@ class _Transport:
             else:
                 time.sleep(delay)
 
-    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, expect: str = "") -> Dict[str, Any]:
-        """A whole JSON request and answer: an object whose ``expect`` field is a list.
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, expect: str = "",
+             form: Optional[Tuple[bytes, str]] = None) -> Dict[str, Any]:
+        """A whole JSON request (or multipart ``form``) and answer: an object whose ``expect`` field is a list.
 
         An error object inside a 200 (some gateways send one) raises like any other error.
         """
-        reply = self.open(method, path, body)
+        reply = self.open(method, path, body, form=form)
         answer = self._decode(self.whole(reply, method, path), reply, self.url(path))
         _raise_if_error_event(answer, "", self.settings)
         if expect and not isinstance(answer.get(expect), list):
@@ -2746,10 +2747,7 @@ class GPUStackTools(Toolkit):
         form = _multipart([("model", transport.settings.model_id), ("prompt", prompt),
                            ("image", (f"image.{_image_type(image).split('/')[-1]}", image, _image_type(image))),
                            ("size", size or self.image_size), ("response_format", "b64_json")])
-        reply = transport.open("POST", "images/edits", None, form=form)
-        answer = transport._decode(transport.whole(reply, "POST", "images/edits"), reply, transport.url("images/edits"))
-        _raise_if_error_event(answer, "", transport.settings)
-        return self._images(transport, answer)
+        return self._images(transport, transport.call("POST", "images/edits", form=form))
 
     def _images(self, transport: _Transport, answer: Dict[str, Any]) -> List[Image]:
         _raise_if_status_body(answer, transport.settings)
@@ -2806,11 +2804,8 @@ class GPUStackTools(Toolkit):
                                          ("response_format", "json")]
         if language:
             fields.append(("language", language))
-        reply = transport.open("POST", "audio/transcriptions", None, form=_multipart(fields))
-        answer = transport._decode(transport.whole(reply, "POST", "audio/transcriptions"), reply,
-                                   transport.url("audio/transcriptions"))
+        answer = transport.call("POST", "audio/transcriptions", form=_multipart(fields))
         _raise_if_status_body(answer, transport.settings)
-        _raise_if_error_event(answer, "", transport.settings)
         if not isinstance(answer.get("text"), str):
             raise transport.malformed("no 'text'", answer)
         return answer["text"]
