@@ -2219,13 +2219,7 @@ def held_stream(fake: Fake, chunks: int):
                 raw = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n"
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
             h.wfile.flush()
-        h.connection.settimeout(10)
-        try:
-            h.connection.recv(1)
-        except OSError:
-            pass
-        fake.gone_at = time.monotonic()
-        fake.client_gone.set()
+        held_until_gone(fake)(h, seen)
         h.close_connection = True
 
     return respond
