@@ -102,7 +102,7 @@ class Seen:
 class Fake:
     """A scripted GPUStack: ``fake.on(path, responder)``; responders write to the socket themselves."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.routes: Dict[str, List[Callable]] = {}
         self.requests: List[Seen] = []
         self.client_gone = threading.Event()
@@ -148,7 +148,7 @@ class Fake:
                 super().shutdown_request(request)
                 fake.closed.release()
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         # Our own accept loop instead of serve_forever's polling: close() wakes it at once.
