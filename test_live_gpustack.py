@@ -19,6 +19,7 @@ import base64
 import gc
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -341,8 +342,8 @@ def test_pending_model_is_503_saying_what_its_instance_is_doing(backend):
     with pytest.raises(ModelProviderError) as caught:
         chat(model=name, max_retries=0).invoke(ask())
     assert caught.value.status_code == 503 and "No running instances available" in caught.value.message
-    assert f"{name} exists but 0 of 1 instances are ready: {name}-" in caught.value.message
-    assert " is pending: No suitable workers." in caught.value.message
+    # The scheduler's note after "is pending: " changes when it retries (every 180 s): not asserted.
+    assert re.search(rf"{name} exists but 0 of 1 instances are ready: {name}-\w+ is pending\b", caught.value.message)
 
 
 # Backend errors as GPUStack relays them ###############################################################

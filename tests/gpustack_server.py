@@ -97,7 +97,7 @@ class Stack:
         log_file = open(os.path.join(self.workdir, f"{name}.log"), "ab")
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                   user=user, cwd=self.workdir, env=env)
+                                   user=user, cwd=self.workdir, env=env, preexec_fn=_end_with_parent)
         log_file.close()
         self.started.append(process)
         if stdin is not None:
@@ -120,6 +120,14 @@ class Stack:
         with contextlib.suppress(OSError), open(os.path.join(self.workdir, f"{name}.log"), errors="replace") as f:
             return "".join(f.readlines()[-lines:])
         return ""
+
+
+def _end_with_parent() -> None:
+    """In the child: SIGTERM when this script dies, even by SIGKILL (Linux), so nothing outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_by_pid(process: subprocess.Popen, grace: float = 20.0) -> None:
@@ -345,7 +353,11 @@ def main(argv: List[str]) -> int:
         postgres_bin(), gpustack_python()
         return 0
     if argv[:1] == ["run"] and "--" in argv and argv[argv.index("--") + 1:]:
-        return run(argv[argv.index("--") + 1:])
+        try:
+            return run(argv[argv.index("--") + 1:])
+        except KeyboardInterrupt as interrupt:
+            log(f"interrupted ({interrupt or 'Ctrl-C'}): everything started was stopped")
+            return 130
     print(__doc__, file=sys.stderr)
     return 2
 
