@@ -16,6 +16,7 @@ called ``gpustack`` and would shadow the module under test.
 
 import base64
 import contextlib
+import ctypes
 import glob
 import json
 import os
@@ -122,12 +123,14 @@ class Stack:
         return ""
 
 
+# Loaded here, in the parent: a child already running as the postgres user may not read this Python's files.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def _end_with_parent() -> None:
     """In the child: SIGTERM when this script dies, even by SIGKILL (Linux), so nothing outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    with contextlib.suppress(AttributeError):  # no prctl: not Linux
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_by_pid(process: subprocess.Popen, grace: float = 20.0) -> None:
@@ -345,7 +348,7 @@ def run(command: List[str]) -> int:
     started = time.monotonic()
     with running_gpustack() as environment:
         log(f"ready after {time.monotonic() - started:.0f} s; running: {' '.join(command)}")
-        return subprocess.run(command, env={**os.environ, **environment}).returncode
+        return subprocess.run(command, env={**os.environ, **environment}, preexec_fn=_end_with_parent).returncode
 
 
 def main(argv: List[str]) -> int:
