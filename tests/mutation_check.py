@@ -3,6 +3,8 @@ module with that safeguard disabled, run the suite against the copy, and list th
 
     python tests/mutation_check.py            # every mutant, one after another (about 45 minutes)
     python tests/mutation_check.py fork sse   # only mutants whose name contains one of these words
+    python tests/mutation_check.py --live unwrapped cancel
+        the live suite instead, through a real GPUStack (tests/gpustack_server.py; about 1 minute a mutant)
 
 Not part of CI: it takes too long. Exit code 1 if any mutant survived.
 """
@@ -180,20 +182,19 @@ MUTANTS: List[Tuple[str, str, str]] = [
 ]
 
 
-def run(name: str, source: str, limit: float) -> Tuple[bool, str, float]:
+def run(name: str, source: str, limit: float, live: bool = False) -> Tuple[bool, str, float]:
     """(killed, the first failing test or '', seconds) for one mutant."""
     with tempfile.TemporaryDirectory(prefix="gpustack-mutant-") as work:
         with open(os.path.join(work, "gpustack.py"), "w", encoding="utf-8") as handle:
             handle.write(source)
-        for name_ in ("test_gpustack.py", "conftest.py"):
+        for name_ in ("test_gpustack.py", "conftest.py", "test_live_gpustack.py"):
             shutil.copy(os.path.join(ROOT, name_), work)
-        env = {**os.environ, "GPUSTACK_TEST_TIMEOUT": "20", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "GPUSTACK_TEST_TIMEOUT": "20", "PYTHONDONTWRITEBYTECODE": "1", "GPUSTACK_LIVE_REQUIRED": "1"}
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::ResourceWarning",
+                  "test_live_gpustack.py" if live else "test_gpustack.py"]
+        harness = [sys.executable, os.path.join(ROOT, "tests", "gpustack_server.py"), "run", "--"] if live else []
         started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::ResourceWarning",
-             "test_gpustack.py"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=limit,
-        )
+        done = subprocess.run(harness + pytest, cwd=work, env=env, capture_output=True, text=True, timeout=limit)
         seconds = time.monotonic() - started
     failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED test_", "ERROR test_"))]
     shown = ", ".join(test.split("::")[-1][:60] for test in failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
@@ -203,7 +204,9 @@ def run(name: str, source: str, limit: float) -> Tuple[bool, str, float]:
 def main(argv: List[str]) -> int:
     with open(os.path.join(ROOT, "gpustack.py"), encoding="utf-8") as handle:
         original = handle.read()
-    chosen = [m for m in MUTANTS if not argv or any(word in m[0] for word in argv)]
+    live = "--live" in argv
+    words = [word for word in argv if word != "--live"]
+    chosen = [m for m in MUTANTS if not words or any(word in m[0] for word in words)]
     survivors = []
     print(f"{'safeguard disabled':58} {'result':8} {'s':>5}  failing tests")
     for name, text, replacement in chosen:
@@ -212,7 +215,7 @@ def main(argv: List[str]) -> int:
             print(f"{name:58} {'STALE':8} {'':>5}  the text to mutate occurs {count} times; update MUTANTS")
             survivors.append(name)
             continue
-        killed, test, seconds = run(name, original.replace(text, replacement), limit=900)
+        killed, test, seconds = run(name, original.replace(text, replacement), limit=900, live=live)
         print(f"{name:58} {'killed' if killed else 'SURVIVED':8} {seconds:5.0f}  {test}", flush=True)
         if not killed:
             survivors.append(name)
