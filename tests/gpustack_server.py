@@ -10,13 +10,15 @@
 The stand-in worker runs GPUStack's own worker proxy; behind it, the live tests start the
 project's fake on GPUSTACK_LIVE_BACKEND_PORT to play the inference backend. Standard
 library only: it runs in the project's venv, and GPUStack in a venv of its own
-(GPUSTACK_LIVE_VENV, default .ci/gpustack-venv), because GPUStack's package is also
-called ``gpustack`` and would shadow the module under test.
+(GPUSTACK_LIVE_VENV, default .ci/gpustack-venv, made with GPUSTACK_LIVE_PYTHON or this
+Python), because GPUStack's package is also called ``gpustack`` and would shadow the
+module under test.
 """
 
 import base64
 import contextlib
 import ctypes
+import functools
 import glob
 import json
 import os
@@ -31,11 +33,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV = os.environ.get("GPUSTACK_LIVE_VENV") or os.path.join(ROOT, ".ci", "gpustack-venv")
+# GPUStack 2.3.0 requires Python 3.10 to 3.12 (tested here with 3.11).
+BASE_PYTHON = os.environ.get("GPUSTACK_LIVE_PYTHON") or sys.executable
 GPUSTACK_VERSION = "2.3.0"
 START_SECONDS = 240  # imports and migrations take 20-30 s on two cores; a loaded CI machine, longer
 
@@ -64,6 +68,7 @@ def postgres_bin() -> str:
     return os.path.dirname(found[-1])
 
 
+@functools.lru_cache(maxsize=None)
 def gpustack_python() -> str:
     """GPUStack's venv python, creating the venv when it doesn't have the right GPUStack yet."""
     python = os.path.join(VENV, "bin", "python")
@@ -71,7 +76,7 @@ def gpustack_python() -> str:
     if os.path.exists(python) and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == GPUSTACK_VERSION:
         return python
     log(f"installing gpustack=={GPUSTACK_VERSION} into {VENV} (about 0.9 GB, a few minutes)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
+    subprocess.run([BASE_PYTHON, "-m", "venv", "--clear", VENV], check=True)
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     f"gpustack=={GPUSTACK_VERSION}"], check=True)
     return python
@@ -91,7 +96,7 @@ class Stack:
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
-        self.started: List[subprocess.Popen] = []
+        self.started: List[Tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, argv: List[str], user: Optional[str] = None, stdin: Optional[str] = None,
               env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
@@ -100,7 +105,7 @@ class Stack:
                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                    user=user, cwd=self.workdir, env=env, preexec_fn=_end_with_parent)
         log_file.close()
-        self.started.append(process)
+        self.started.append((name, process))
         if stdin is not None:
             assert process.stdin is not None
             process.stdin.write(stdin.encode() + b"\n")
@@ -108,12 +113,12 @@ class Stack:
         return process
 
     def check_alive(self) -> None:
-        for process in self.started:
+        for name, process in self.started:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} (PID {process.pid}) exited with {process.returncode}")
+                raise RuntimeError(f"{name} (PID {process.pid}) exited with {process.returncode}:\n{self.tail(name)}")
 
     def stop(self) -> None:
-        for process in reversed(self.started):
+        for _, process in reversed(self.started):
             stop_by_pid(process)
         self.started.clear()
 
@@ -243,7 +248,7 @@ def register_models(admin: Admin, cluster_id: int) -> Dict[str, int]:
     return ids
 
 
-def serve_from_worker(admin: Admin, model_id: int, worker: Dict[str, Any], backend_port: int) -> None:
+def serve_from_worker(stack: Stack, admin: Admin, model_id: int, worker: Dict[str, Any], backend_port: int) -> None:
     """Marks the model's instance as running on the stand-in worker, once the scheduler has given up on it.
 
     The scheduler writes the instance when it fails to place it ("No suitable workers"); marking it
@@ -253,7 +258,7 @@ def serve_from_worker(admin: Admin, model_id: int, worker: Dict[str, Any], backe
         items = admin.call("GET", f"/v2/models/{model_id}/instances")["items"]
         return items[0] if items and items[0].get("state_message") else None
 
-    instance = wait_until(f"the scheduler's verdict on model {model_id}", evaluated, 60, Stack.current)
+    instance = wait_until(f"the scheduler's verdict on model {model_id}", evaluated, 60, stack)
     instance_id = instance["id"]
     for field in ("id", "created_at", "updated_at"):
         instance.pop(field, None)
@@ -262,7 +267,7 @@ def serve_from_worker(admin: Admin, model_id: int, worker: Dict[str, Any], backe
     admin.call("PUT", f"/v2/model-instances/{instance_id}", instance)
 
 
-def create_keys(admin: Admin, models: Dict[str, int]) -> Dict[str, str]:
+def create_keys(admin: Admin) -> Dict[str, str]:
     """API keys of each scope, by the name of the environment variable that carries them."""
     def key(name: str, **fields: Any) -> str:
         return admin.call("POST", "/v2/api-keys", {"name": name, **fields})["value"]
@@ -276,32 +281,34 @@ def create_keys(admin: Admin, models: Dict[str, int]) -> Dict[str, str]:
     }
 
 
-def start_worker(stack: Stack, admin: Admin, cluster_id: int, backend_port: int) -> Dict[str, Any]:
-    """Registers the stand-in worker and starts it; returns the worker as GPUStack describes it."""
-    port = free_port()
+def register_worker(admin: Admin, cluster_id: int) -> Dict[str, Any]:
+    """The stand-in worker as GPUStack describes it (``id``, ``token``, ...), and what it registered with."""
     registration = {"name": "live-worker", "cluster_id": cluster_id, "hostname": "live-worker", "ip": "127.0.0.1",
-                    "ifname": "lo", "port": port, "worker_uuid": str(uuid.uuid4()), "status": {}}
-    worker = admin.call("POST", "/v2/workers", registration)
+                    "ifname": "lo", "port": free_port(), "worker_uuid": str(uuid.uuid4()), "status": {}}
+    return {**admin.call("POST", "/v2/workers", registration), "registration": registration}
+
+
+def start_worker(stack: Stack, admin: Admin, worker: Dict[str, Any], backend_port: int) -> None:
+    registration = worker["registration"]
     # state_message None clears the "Heartbeat lost" note, which otherwise keeps a worker not_ready.
     given = {"token": worker["token"], "status": {**registration, "state_message": None}}
-    stack.start("worker", [gpustack_python(), os.path.join(HERE, "gpustack_inside.py"), "worker", str(port),
-                           str(backend_port), admin.url], stdin=json.dumps(given))
-    return worker
+    stack.start("worker", [gpustack_python(), os.path.join(HERE, "gpustack_inside.py"), "worker",
+                           str(registration["port"]), str(backend_port), admin.url], stdin=json.dumps(given))
 
 
 def bring_up(stack: Stack) -> Dict[str, str]:
     """Everything, started and registered; the environment the live tests read."""
-    Stack.current = stack
     admin = start_gpustack(stack, start_postgres(stack))
     cluster_id = admin.call("POST", "/v2/clusters", {"name": "live", "provider": "Docker"})["id"]
     backend_port = free_port()
     # The worker is registered before the models and started after them: the scheduler, finding no
-    # ready worker, leaves their instances alone, and we mark the running ones ourselves.
-    worker = start_worker(stack, admin, cluster_id, backend_port)
+    # ready worker, leaves their instances pending, and we mark the running ones ourselves.
+    worker = register_worker(admin, cluster_id)
     models = register_models(admin, cluster_id)
     for name in (CHAT, EMBEDDING, RERANK):
-        serve_from_worker(admin, models[name], worker, backend_port)
-    keys = create_keys(admin, models)
+        serve_from_worker(stack, admin, models[name], worker, backend_port)
+    start_worker(stack, admin, worker, backend_port)
+    keys = create_keys(admin)
 
     def worker_ready() -> bool:
         return admin.call("GET", f"/v2/workers/{worker['id']}")["state"] == "ready"
