@@ -312,6 +312,17 @@ def test_management_only_key_is_403_on_inference(backend):
     assert "GPUSTACK_API_KEY" in caught.value.message and backend.requests == []
 
 
+@ours
+def test_inference_only_key_chats_but_cant_read_model_states(backend):
+    key, name = os.environ["GPUSTACK_LIVE_INFERENCE_KEY"], os.environ["GPUSTACK_LIVE_STOPPED_MODEL"]
+    assert chat(key=key).invoke(ask()).content == BACKEND_ANSWER
+    with pytest.raises(ModelProviderError) as caught:
+        chat(model=name, key=key, max_retries=0).invoke(ask())
+    # /v2 refuses this key (403), so the error can't tell stopped from deploying, and says only what it knows.
+    assert caught.value.status_code == 503 and f"{name} exists but has no running instance." in caught.value.message
+    assert "0 replicas" not in caught.value.message
+
+
 def test_unknown_model_is_404_naming_the_running_model_like_it(backend):
     with pytest.raises(ModelProviderError) as caught:
         chat(model=CHAT + "x").invoke(ask())

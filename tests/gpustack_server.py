@@ -55,12 +55,20 @@ def log(message: str) -> None:
 # Installing -------------------------------------------------------------------------
 
 
+CREATECLUSTER_CONF = "/etc/postgresql-common/createcluster.conf"
+
+
 def postgres_bin() -> str:
     """The directory of initdb/pg_ctl, installing Debian's postgresql when there is none."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         log("installing Debian's postgresql")
         apt = ["apt-get"] if os.geteuid() == 0 else ["sudo", "apt-get"]
+        # Only the binaries: no default cluster that the package would create and start on port 5432.
+        if os.geteuid() == 0 and not os.path.exists(CREATECLUSTER_CONF):
+            os.makedirs(os.path.dirname(CREATECLUSTER_CONF), exist_ok=True)
+            with open(CREATECLUSTER_CONF, "w") as conf:
+                conf.write("create_main_cluster = false\n")
         subprocess.run(apt + ["update", "-q"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(apt + ["install", "-y", "-q", "postgresql"], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
