@@ -186,6 +186,33 @@ def start_postgres(stack: Stack) -> str:
     return f"postgresql://root@127.0.0.1:{port}/gpustack?sslmode=disable"
 
 
+def listening_addresses(session_ids: List[int]) -> List[str]:
+    """``ip:port`` of every TCP socket listening in these sessions' processes (Linux /proc)."""
+    inodes = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as stat:
+                session = int(stat.read().rsplit(")", 1)[1].split()[3])  # field 6 of stat: state ppid pgrp session
+            if session in session_ids:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    address, port = fields[1].split(":")
+                    raw = bytes.fromhex(address)
+                    # /proc writes each 32-bit word of the address in host (little-endian) order.
+                    ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6,
+                                          b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                    found.append(f"{ip}:{int(port, 16)}")
+    return found
+
+
 class Admin:
     """GPUStack's management API as its admin (HTTP Basic)."""
 
@@ -335,6 +362,9 @@ def bring_up(stack: Stack) -> Dict[str, str]:
     wait_until("the stand-in worker ready", worker_ready, 60, stack, "worker")
     wait_until(f"{CHAT}, {EMBEDDING} and {RERANK} listed in /v1/models", all_listed, 60, stack)
     wait_until("the expired key refused", expired, 30, stack)
+    exposed = [a for a in listening_addresses([p.pid for _, p in stack.started]) if not a.startswith(("127.0.0.1:", "::1:"))]
+    if exposed:
+        raise RuntimeError(f"listening beyond loopback: {', '.join(exposed)}")
     return {"GPUSTACK_TEST_SERVER_URL": admin.url, **keys,
             "GPUSTACK_TEST_CHAT_MODEL": CHAT, "GPUSTACK_TEST_EMBEDDING_MODEL": EMBEDDING,
             "GPUSTACK_TEST_RERANK_MODEL": RERANK, "GPUSTACK_LIVE_STOPPED_MODEL": STOPPED,
@@ -376,6 +406,9 @@ def main(argv: List[str]) -> int:
         except KeyboardInterrupt as interrupt:
             log(f"interrupted ({interrupt or 'Ctrl-C'}): everything started was stopped")
             return 130
+        except (RuntimeError, subprocess.CalledProcessError) as failure:
+            log(f"could not bring GPUStack up, everything started was stopped: {failure}")
+            return 1
     print(__doc__, file=sys.stderr)
     return 2
 
