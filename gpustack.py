@@ -960,6 +960,10 @@ _PROXY_VARIABLES = tuple(
 )
 
 
+# One encoder: json.dumps with any non-default argument builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _proxy_environment() -> Tuple[Optional[Any], ...]:
     """The proxy variables as they are now, read on every call as urllib does (10 us through ``os.environ``,
     whose ``get`` raises and catches a KeyError per absent name: on POSIX, its dict is read directly)."""
@@ -1028,7 +1032,7 @@ class _Reading:
 class _Transport:
     """Every HTTP call of the module: request, status check, retry, error mapping, SSE."""
 
-    __slots__ = ("settings", "_headers")
+    __slots__ = ("settings", "_headers", "_origin")
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
@@ -1039,6 +1043,8 @@ class _Transport:
             headers[name] = value
         # Built once, for plain and for streamed answers; urllib's Request copies them.
         self._headers = {False: {**headers, "Accept": "application/json"}, True: {**headers, "Accept": "text/event-stream"}}
+        # Given to each Request, which would otherwise parse the URL again to learn it (for cookies, unused here).
+        self._origin = urllib.request.Request(settings.root).origin_req_host
 
     def url(self, path: str) -> str:
         """``chat/completions`` is under /v1; a path from the root (``/v2/models``) is taken as it is."""
@@ -1060,7 +1066,7 @@ class _Transport:
         if body is None:
             return None
         try:
-            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            return _JSON.encode(body).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"Request body for GPUStack cannot be sent as JSON: {exc}") from None
 
@@ -1078,7 +1084,7 @@ class _Transport:
         guard = _GUARD.get()
         attempt = 0
         while True:
-            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            request = urllib.request.Request(url, data=data, headers=headers, origin_req_host=self._origin, method=method)
             request.connect_timeout = settings.connect_timeout  # type: ignore[attr-defined]  # read by _KeepAliveHandler
             delay: Optional[float]
             try:
