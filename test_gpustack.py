@@ -604,6 +604,28 @@ def test_non_json_data_line_raises_provider_error(model, fake):
         list(model.invoke_stream(user()))
 
 
+def test_stream_failing_midway_drops_its_connection_while_the_error_lives(model, fake):
+    """Agno keeps a failed call's error, and its traceback keeps the stream's frames: the connection
+    must be closed by the stream itself, not left to the collector, or GPUStack generates on."""
+
+    def junk_then_hold(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        raw = b"data: {not json\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+        h.wfile.flush()
+        held_until_gone(fake)(h, seen)
+
+    fake.on("/v1/chat/completions", junk_then_hold)
+    with pytest.raises(ModelProviderError, match="not JSON") as caught:
+        list(model.invoke_stream(user()))
+    raised_at = time.monotonic()
+    assert fake.client_gone.wait(2) and fake.gone_at - raised_at < 0.5
+    assert caught.value.__traceback__ is not None  # still held: only the stream's own close ended the request
+
+
 def test_stream_cut_before_done_raises(model, fake):
     fake.on("/v1/chat/completions", stream(chunk("Hel"), close=True))
     with pytest.raises(ModelProviderError, match="incomplete"):

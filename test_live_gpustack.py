@@ -406,21 +406,20 @@ def test_backend_midstream_error_raises_with_its_words(backend):
         list(chat().invoke_stream(ask()))
 
 
-def one_token_then_silence(fake: Fake) -> Any:
+def one_token_then_silence(fake: Fake, first: bytes = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n") -> Any:
     """One token, then nothing until the relay's connection to us closes (a backend deep in a long prefill).
 
     Silence makes the client's own close the only thing that can end the request: no later
     write of ours would notice the client is gone.
     """
-    return lambda h, seen: _token_then_silence(fake, h)
+    return lambda h, seen: _token_then_silence(fake, h, first)
 
 
-def _token_then_silence(fake: Fake, h: Any) -> None:
+def _token_then_silence(fake: Fake, h: Any, raw: bytes) -> None:
     h.send_response(200)
     h.send_header("Content-Type", "text/event-stream")
     h.send_header("Transfer-Encoding", "chunked")
     h.end_headers()
-    raw = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n"
     h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
     h.wfile.flush()
     h.connection.settimeout(20)
@@ -442,6 +441,17 @@ def test_abandoned_stream_reaches_the_backend_as_a_disconnect(backend):
     pieces.close()
     assert backend.client_gone.wait(10), "the backend kept generating for a client that left"
     assert backend.gone_at - left < 2
+
+
+@ours
+def test_stream_failing_midway_reaches_the_backend_as_a_disconnect_while_the_error_lives(backend):
+    backend.on("/v1/chat/completions", one_token_then_silence(backend, b"data: {not json\n\n"))
+    with pytest.raises(ModelProviderError, match="not JSON") as caught:
+        list(chat().invoke_stream(ask()))
+    raised_at = time.monotonic()
+    assert backend.client_gone.wait(10), "the backend kept generating after the stream failed"
+    assert backend.gone_at - raised_at < 2
+    assert caught.value.__traceback__ is not None  # its frames still hold the stream: only its own close ended it
 
 
 @ours
