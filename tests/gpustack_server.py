@@ -93,6 +93,12 @@ def gpustack_python() -> str:
 # Starting and stopping ----------------------------------------------------------------
 
 
+def without_proxies() -> Dict[str, str]:
+    """This environment minus proxy settings: every address here is loopback, and a proxy (CI may set
+    one for package downloads) must not reroute it. The installs keep them."""
+    return {key: value for key, value in os.environ.items() if not key.lower().endswith("_proxy")}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -213,6 +219,9 @@ def listening_addresses(session_ids: List[int]) -> List[str]:
     return found
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
 class Admin:
     """GPUStack's management API as its admin (HTTP Basic)."""
 
@@ -226,7 +235,7 @@ class Admin:
                                          headers={"Authorization": f"Bearer {token}" if token else self.auth,
                                                   "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
+            with _DIRECT.open(request, timeout=30) as answer:
                 raw = answer.read()
         except urllib.error.HTTPError as error:
             raise RuntimeError(f"{method} {path}: {error.code} {error.read()[:500]!r}") from None
@@ -253,14 +262,12 @@ def start_gpustack(stack: Stack, database_url: str) -> Admin:
              "--disable-worker", "--disable-metrics", "--disable-update-check", "--disable-builtin-observability",
              "--ota-server-url", "http://127.0.0.1:9/ota", "--system-default-container-registry", "docker.io",
              "--bootstrap-password", password]
-    # No proxy for anything: every address here is loopback, and a proxy setting must not reroute it.
-    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-    stack.start("gpustack", [python, os.path.join(HERE, "gpustack_inside.py"), "server", *flags], env=env)
+    stack.start("gpustack", [python, os.path.join(HERE, "gpustack_inside.py"), "server", *flags], env=without_proxies())
     admin = Admin(f"http://127.0.0.1:{port}", password)
     started = time.monotonic()
 
     def healthy() -> bool:
-        with urllib.request.urlopen(admin.url + "/healthz", timeout=5) as answer:
+        with _DIRECT.open(admin.url + "/healthz", timeout=5) as answer:
             return answer.status == 200
 
     wait_until("GPUStack's /healthz", healthy, START_SECONDS, stack)
@@ -328,7 +335,8 @@ def start_worker(stack: Stack, admin: Admin, worker: Dict[str, Any], backend_por
     # state_message None clears the "Heartbeat lost" note, which otherwise keeps a worker not_ready.
     given = {"token": worker["token"], "status": {**registration, "state_message": None}}
     stack.start("worker", [gpustack_python(), os.path.join(HERE, "gpustack_inside.py"), "worker",
-                           str(registration["port"]), str(backend_port), admin.url], stdin=json.dumps(given))
+                           str(registration["port"]), str(backend_port), admin.url], stdin=json.dumps(given),
+                env=without_proxies())
 
 
 def bring_up(stack: Stack) -> Dict[str, str]:
@@ -368,8 +376,7 @@ def bring_up(stack: Stack) -> Dict[str, str]:
     return {"GPUSTACK_TEST_SERVER_URL": admin.url, **keys,
             "GPUSTACK_TEST_CHAT_MODEL": CHAT, "GPUSTACK_TEST_EMBEDDING_MODEL": EMBEDDING,
             "GPUSTACK_TEST_RERANK_MODEL": RERANK, "GPUSTACK_LIVE_STOPPED_MODEL": STOPPED,
-            "GPUSTACK_LIVE_PENDING_MODEL": PENDING, "GPUSTACK_LIVE_BACKEND_PORT": str(backend_port),
-            "GPUSTACK_LIVE": "1"}
+            "GPUSTACK_LIVE_PENDING_MODEL": PENDING, "GPUSTACK_LIVE_BACKEND_PORT": str(backend_port)}
 
 
 @contextlib.contextmanager
@@ -393,7 +400,7 @@ def run(command: List[str]) -> int:
     started = time.monotonic()
     with running_gpustack() as environment:
         log(f"ready after {time.monotonic() - started:.0f} s; running: {' '.join(command)}")
-        return subprocess.run(command, env={**os.environ, **environment}, preexec_fn=_end_with_parent).returncode
+        return subprocess.run(command, env={**without_proxies(), **environment}, preexec_fn=_end_with_parent).returncode
 
 
 def main(argv: List[str]) -> int:
