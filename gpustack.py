@@ -1121,12 +1121,17 @@ class _Transport:
 
         An error object inside a 200 (some gateways send one) raises like any other error.
         """
-        reply = self.open(method, path, body, form=form)
-        answer = self._decode(self.whole(reply, method, path), reply, self.url(path))
+        answer = self.answer(method, path, body, form)
         _raise_if_error_event(answer, "", self.settings)
         if expect and not isinstance(answer.get(expect), list):
             raise self.malformed(f"no {expect!r} list", answer)
         return answer
+
+    def answer(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+               form: Optional[Tuple[bytes, str]] = None) -> Any:
+        """The whole answer as JSON of any shape (``/healthz`` says just ``"ok"``)."""
+        reply = self.open(method, path, body, form=form)
+        return self._decode(self.whole(reply, method, path), reply, self.url(path))
 
     def whole(self, reply: _Reply, method: str, path: str) -> bytes:
         """The whole body of a reply, up to MAX_ANSWER_BYTES: a larger answer is an error, not a memory spike."""
@@ -3135,12 +3140,6 @@ class _Report:
         return ok
 
 
-def _get(transport: _Transport, path: str) -> Any:
-    """GET a JSON answer of any shape (``/healthz`` says just ``"ok"``)."""
-    reply = transport.open("GET", path, None)
-    return transport._decode(transport.whole(reply, "GET", path), reply, transport.url(path))
-
-
 def diagnose(
     base_url: Optional[str] = None,
     api_key: Optional[str] = None,
@@ -3160,9 +3159,9 @@ def diagnose(
     found: Dict[str, Any] = {"server": settings.root, "version": None, "reachable": True}
 
     def server() -> Tuple[bool, str, str]:
-        _get(transport, "/healthz")
+        transport.answer("GET", "/healthz")
         try:
-            version = _get(transport, "/version")
+            version = transport.answer("GET", "/version")
         except ModelProviderError:
             return False, f"{settings.root} answers /healthz but not /version", "set --server to the GPUStack server itself"
         found["version"] = version.get("version") if isinstance(version, dict) else None
