@@ -2710,6 +2710,7 @@ class GPUStackTools(Toolkit):
         self.models: Dict[str, Optional[str]] = {"image": image_model, "text_to_speech": speech_model,
                                                  "speech_to_text": transcription_model}
         self.image_size, self.speech_format = image_size, speech_format
+        self._voices: Dict[str, List[str]] = {}  # by speech model: its voices, asked once
         chosen: List[Tuple[bool, Callable[..., Any], Callable[..., Any], str]] = [
                   (enable_generate_image, self.generate_image, self.agenerate_image, "generate_image"),
                   (enable_edit_image, self.edit_image, self.aedit_image, "edit_image"),
@@ -2773,14 +2774,17 @@ class GPUStackTools(Toolkit):
             return images
 
     def voices(self) -> List[str]:
-        """The speech model's voices, as GPUStack lists them in its ``meta`` (empty when it doesn't)."""
-        transport = self._transport("text_to_speech")
-        answer = _lookup(transport.settings, time.monotonic() + self._settings.connect_timeout + 5).call(
-            "GET", "models?categories=text_to_speech&with_meta=true", expect="data")
-        for item in answer["data"]:
-            if isinstance(item, dict) and item.get("id") == transport.settings.model_id and isinstance(item.get("meta"), dict):
-                return [str(voice) for voice in item["meta"].get("voices") or []]
-        return []
+        """The speech model's voices, as GPUStack lists them in its ``meta`` (empty when it doesn't); asked once
+        per model, not before every speech request."""
+        settings = self._transport("text_to_speech").settings
+        model = str(settings.model_id)
+        if model not in self._voices:
+            answer = _lookup(settings, time.monotonic() + settings.connect_timeout + 5).call(
+                "GET", "models?categories=text_to_speech&with_meta=true", expect="data")
+            listed = [item for item in answer["data"] if isinstance(item, dict) and item.get("id") == model]
+            meta = listed[0].get("meta") if listed else None
+            self._voices[model] = [str(voice) for voice in (meta.get("voices") or [])] if isinstance(meta, dict) else []
+        return self._voices[model]
 
     def speech(self, text: str, voice: Optional[str] = None, response_format: Optional[str] = None) -> Audio:
         """Speak ``text``: ``GPUStackTools(speech_model="cosyvoice").speech("Hello").content`` (mp3 bytes)."""

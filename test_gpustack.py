@@ -3091,6 +3091,14 @@ def test_speech_defaults_to_the_first_voice_and_returns_the_audio(tools, fake):
                                       "response_format": "mp3"}
 
 
+def test_voices_are_asked_once_per_model_not_before_every_speech(tools, fake):
+    fake.on("/v1/audio/speech", reply(200, MP3, "audio/mpeg"))
+    for _ in range(3):
+        tools.speech("Hello there")
+    assert len([s for s in fake.requests if "with_meta=true" in s.path]) == 1
+    assert [s.path for s in fake.requests].count("/v1/audio/speech") == 3
+
+
 def test_unknown_voice_is_refused_before_any_request_with_the_list(tools, fake):
     fake.on("/v1/audio/speech", reply(200, MP3, "audio/mpeg"))
     result = tools.generate_speech("Hello", voice="Robot")
