@@ -23,7 +23,6 @@ import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -149,6 +148,13 @@ def chat(model: str = CHAT, key: str = KEY, **settings: Any) -> GPUStackChat:
 
 def ask(text: str = "Reply with one word: OK") -> List[Message]:
     return [Message(role="user", content=text)]
+
+
+def refused(**settings: Any) -> ModelProviderError:
+    """The error a chat call with these settings raises."""
+    with pytest.raises(ModelProviderError) as caught:
+        chat(**settings).invoke(ask())
+    return caught.value
 
 
 def said(backend: Optional[Fake], content: Optional[str], expected: str = BACKEND_ANSWER) -> None:
@@ -288,79 +294,71 @@ def test_rerank_puts_the_relevant_document_first(backend):
 
 
 def test_wrong_key_is_401_naming_the_variable(backend):
-    with pytest.raises(ModelProviderError) as caught:
-        chat(key="gpustack_0000000000000000_00000000000000000000000000000000").invoke(ask())
-    assert caught.value.status_code == 401
-    assert "Invalid authentication credentials" in caught.value.message and "GPUSTACK_API_KEY" in caught.value.message
+    error = refused(key="gpustack_0000000000000000_00000000000000000000000000000000")
+    assert error.status_code == 401
+    assert "Invalid authentication credentials" in error.message and "GPUSTACK_API_KEY" in error.message
     if backend is not None:
         assert backend.requests == []
 
 
 @ours
 def test_expired_key_is_401(backend):
-    with pytest.raises(ModelProviderError) as caught:
-        chat(key=os.environ["GPUSTACK_LIVE_EXPIRED_KEY"]).invoke(ask())
-    assert caught.value.status_code == 401 and "Invalid authentication credentials" in caught.value.message
+    error = refused(key=os.environ["GPUSTACK_LIVE_EXPIRED_KEY"])
+    assert error.status_code == 401 and "Invalid authentication credentials" in error.message
 
 
 @ours
 def test_management_only_key_is_403_on_inference(backend):
-    with pytest.raises(ModelProviderError) as caught:
-        chat(key=os.environ["GPUSTACK_LIVE_MANAGEMENT_KEY"]).invoke(ask())
-    assert caught.value.status_code == 403
-    assert "API key does not have permission to access inference features" in caught.value.message
-    assert "GPUSTACK_API_KEY" in caught.value.message and backend.requests == []
+    error = refused(key=os.environ["GPUSTACK_LIVE_MANAGEMENT_KEY"])
+    assert error.status_code == 403
+    assert "API key does not have permission to access inference features" in error.message
+    assert "GPUSTACK_API_KEY" in error.message and backend.requests == []
 
 
 @ours
 def test_inference_only_key_chats_but_cant_read_model_states(backend):
     key, name = os.environ["GPUSTACK_LIVE_INFERENCE_KEY"], os.environ["GPUSTACK_LIVE_STOPPED_MODEL"]
     assert chat(key=key).invoke(ask()).content == BACKEND_ANSWER
-    with pytest.raises(ModelProviderError) as caught:
-        chat(model=name, key=key, max_retries=0).invoke(ask())
+    error = refused(model=name, key=key, max_retries=0)
     # /v2 refuses this key (403), so the error can't tell stopped from deploying, and says only what it knows.
-    assert caught.value.status_code == 503 and f"{name} exists but has no running instance." in caught.value.message
-    assert "0 replicas" not in caught.value.message
+    assert error.status_code == 503 and f"{name} exists but has no running instance." in error.message
+    assert "0 replicas" not in error.message
 
 
 def test_unknown_model_is_404_naming_the_running_model_like_it(backend):
-    with pytest.raises(ModelProviderError) as caught:
-        chat(model=CHAT + "x").invoke(ask())
-    assert caught.value.status_code == 404
+    error = refused(model=CHAT + "x")
+    assert error.status_code == 404
     # The server as the client normalised it (a URL given with /v1 or a trailing slash loses them).
     root = gpustack._settings(SERVER, KEY, None, None, True, None).root
     found = re.search(rf"Model '{re.escape(CHAT)}x' not found on GPUStack at {re.escape(root)}\. Running models like it: (.+?)\.(?:\s|$)",
-                      caught.value.message)
-    assert found, caught.value.message
+                      error.message)
+    assert found, error.message
     # On a user's cluster other names may be as near; on ours, the chat model is the only one.
     assert found[1] == CHAT if backend is not None else CHAT in found[1].split(", ")
 
 
 @ours
 def test_key_restricted_to_another_model_gets_404(backend):
-    with pytest.raises(ModelProviderError) as caught:
-        chat(key=os.environ["GPUSTACK_LIVE_OTHER_MODEL_KEY"]).invoke(ask())
-    assert caught.value.status_code == 404 and "Model not found" in caught.value.message
+    error = refused(key=os.environ["GPUSTACK_LIVE_OTHER_MODEL_KEY"])
+    assert error.status_code == 404 and "Model not found" in error.message
     assert backend.requests == []
 
 
 @ours
 def test_stopped_model_is_503_saying_it_is_stopped(backend):
     name = os.environ["GPUSTACK_LIVE_STOPPED_MODEL"]
-    with pytest.raises(ModelProviderError) as caught:
-        chat(model=name, max_retries=0).invoke(ask())
-    assert caught.value.status_code == 503 and "No running instances available" in caught.value.message
-    assert f"{name} is stopped (0 replicas): start it in GPUStack." in caught.value.message
+    error = refused(model=name, max_retries=0)
+    assert error.status_code == 503 and "No running instances available" in error.message
+    assert f"{name} is stopped (0 replicas): start it in GPUStack." in error.message
 
 
 @ours
 def test_pending_model_is_503_saying_what_its_instance_is_doing(backend):
     name = os.environ["GPUSTACK_LIVE_PENDING_MODEL"]
-    with pytest.raises(ModelProviderError) as caught:
-        chat(model=name, max_retries=0).invoke(ask())
-    assert caught.value.status_code == 503 and "No running instances available" in caught.value.message
+    error = refused(model=name, max_retries=0)
+    assert error.status_code == 503 and "No running instances available" in error.message
     # The scheduler's note after "is pending: " changes when it retries (every 180 s): not asserted.
-    assert re.search(rf"{name} exists but 0 of 1 instances are ready: {name}-\w+ is pending\b", caught.value.message)
+    assert re.search(rf"{name} exists but 0 of 1 instances are ready: {name}-\w+ is pending\b", error.message)
 
 
 # Backend errors as GPUStack relays them ###############################################################
