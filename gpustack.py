@@ -19,6 +19,7 @@ import concurrent.futures
 import contextvars
 import difflib
 import dataclasses
+import email.parser
 import email.utils
 import http.client
 import json
@@ -35,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -832,8 +834,47 @@ def _send_whole(conn: Any, message_body: Any, encode_chunked: bool, send_output:
     send_output(message_body, encode_chunked)
 
 
+# http.client reads every answer's headers through the email package: 20 to 30 us a call, a seventh
+# of a whole local chat call. Plain header lines are read here instead, into the same HTTPMessage;
+# anything unusual (a folded line, a line without a name, a bare CR) goes to http.client's own parser.
+_PLAIN_HEADER_LINE = re.compile(rb"[!-9;-~]+:[^\r\n]*\r?\n")
+_HEADER_LINE_BYTES = 65536  # http.client's limits
+_HEADER_LINES = 100
+
+
+def _parse_headers(fp: Any) -> http.client.HTTPMessage:
+    """``http.client.parse_headers``, with the same limits and result, at a quarter of the cost."""
+    lines: List[bytes] = []
+    while True:
+        line = fp.readline(_HEADER_LINE_BYTES + 1)
+        if len(line) > _HEADER_LINE_BYTES:
+            raise http.client.LineTooLong("header line")
+        lines.append(line)
+        if len(lines) > _HEADER_LINES:
+            raise http.client.HTTPException(f"got more than {_HEADER_LINES} headers")
+        if line in (b"\r\n", b"\n", b""):
+            break
+    headers = http.client.HTTPMessage()
+    for line in lines[:-1]:
+        if not _PLAIN_HEADER_LINE.fullmatch(line):
+            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
+        name, _, value = line.decode("iso-8859-1").partition(":")
+        headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))  # as the email package's compat32 policy stores it
+    headers.set_payload("")
+    return headers
+
+
+class _HTTPResponse(http.client.HTTPResponse):
+    # The running Python's own begin(), with only parse_headers resolved to ours: the status line,
+    # 100 Continue, chunking, Content-Length and keep-alive rules stay http.client's, whatever its version.
+    begin = types.FunctionType(
+        http.client.HTTPResponse.begin.__code__, {**vars(http.client), "parse_headers": _parse_headers}, "begin"
+    )
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    response_class = _HTTPResponse
 
     def connect(self) -> None:
         _connect(self, super().connect)
@@ -844,6 +885,7 @@ class _HTTPConnection(http.client.HTTPConnection):
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    response_class = _HTTPResponse
 
     def connect(self) -> None:
         _connect(self, self._tcp_then_tls)

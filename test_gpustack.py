@@ -8,6 +8,7 @@ so cause and effect sit together.
 import asyncio
 import base64
 import gc
+import http.client
 import json
 import os
 import selectors
@@ -2213,6 +2214,56 @@ def test_retry_after_nan_from_the_server_is_retried_with_backoff(model, fake):
     fake.on("/v1/chat/completions", reply(503, b"busy", "text/plain", {"Retry-After": "nan"}), reply(200, REAL_CHAT))
     assert model.invoke(user()).content == "Hello"
     assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("block", [
+    b"Content-Type: application/json\r\nContent-Length: 12\r\n\r\n",
+    b"\r\n",
+    b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nX-Odd:\t  spaced value  \r\nX-Empty:\r\n\r\n",
+    b"Content-Type: text/plain\nRetry-After: 3\n\n",
+    b"X-Latin: caf\xe9\r\n\r\n",
+    b"Retry-After:\r\n 0.3\r\n\r\n",  # a folded line
+    b"X-A: 1\r\nnot a header line\r\nX-B: 2\r\n\r\n",
+    b"X-A: one\rtwo\r\n\r\n",  # a bare CR splits the line for the email package
+    b": no name\r\n\r\n",
+    b"From someone\r\nX-A: 1\r\n\r\n",
+    b"X-A : 1\r\n\r\n",
+])
+def test_answer_headers_are_read_exactly_as_http_client_reads_them(block):
+    import io
+
+    ours = gpustack._parse_headers(io.BytesIO(block + b"body"))
+    stdlib = http.client.parse_headers(io.BytesIO(block + b"body"))
+    assert type(ours) is http.client.HTTPMessage
+    assert ours.items() == stdlib.items()
+    assert ours.get_payload() == stdlib.get_payload()
+    assert [type(defect) for defect in ours.defects] == [type(defect) for defect in stdlib.defects]
+
+
+def raw_answer(head: bytes):
+    """An answer written byte for byte: the status line and headers as given, then a small JSON body."""
+
+    def respond(h, seen):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n%s" % (len(REAL_CHAT), REAL_CHAT))
+
+    return respond
+
+
+@pytest.mark.parametrize("head, problem", [
+    (b"".join(b"X-N%d: v\r\n" % n for n in range(100)), "HTTPException('got more than 100 headers')"),
+    (b"X-Big: " + b"v" * 65536 + b"\r\n", "LineTooLong('got more than 65536 bytes when reading header line')"),
+])
+def test_answer_headers_beyond_http_clients_limits_are_refused(model, fake, head, problem):
+    model.max_retries = 0
+    fake.on("/v1/chat/completions", raw_answer(head))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert caught.value.message == f"Connection to {fake.url}/v1/chat/completions failed before an answer: {problem}."
+
+
+def test_answer_with_99_headers_is_read(model, fake):
+    fake.on("/v1/chat/completions", raw_answer(b"".join(b"X-N%d: v\r\n" % n for n in range(98))))
+    assert model.invoke(user()).content == "Hello"
 
 
 def test_cli_exits_3_on_a_malformed_answer(fake):
