@@ -2689,9 +2689,13 @@ def test_agent_compacts_history_and_succeeds_after_a_context_window_error(fake, 
         send(h, 200, json.dumps(chat_answer(f"answer to {len(messages)} messages")).encode())
 
     fake.on("/v1/chat/completions", small_window)
-    agent = Agent(model=GPUStackChat(id="m", base_url=fake.url), db=SqliteDb(db_file=str(tmp_path / "s.db")),
+    db = SqliteDb(db_file=str(tmp_path / "s.db"))
+    agent = Agent(model=GPUStackChat(id="m", base_url=fake.url), db=db,
                   add_history_to_context=True, compaction=Compaction(on_context_overflow=True), session_id="s")
-    answers = [agent.run("x" * 900 + f" turn {turn}").content for turn in range(3)]
+    try:
+        answers = [agent.run("x" * 900 + f" turn {turn}").content for turn in range(3)]
+    finally:
+        db.close()  # Python 3.13 warns about a SQLite connection left to the garbage collector
     assert answers == ["answer to 1 messages", "answer to 3 messages", "answer to 2 messages"]
     assert seen_sizes == [1, 3, 5, 2]  # the long request went out once, then the folded one
 
