@@ -838,20 +838,21 @@ def _send_whole(conn: Any, message_body: Any, encode_chunked: bool, send_output:
 # a local chat call's CPU. Plain header lines are read here instead, into the same HTTPMessage;
 # anything unusual (a folded line, a line without a name, a bare CR) goes to http.client's own parser.
 _PLAIN_HEADER_LINE = re.compile(rb"[!-9;-~]+:[^\r\n]*\r?\n")
-_HEADER_LINE_BYTES = 65536  # http.client's limits
-_HEADER_LINES = 100
 
 
 def _parse_headers(fp: Any) -> http.client.HTTPMessage:
     """``http.client.parse_headers``, with the same limits and result, at a quarter of the cost."""
+    # http.client's limits as they are now: some programs raise them (a proxy that adds many headers).
+    most_bytes = getattr(http.client, "_MAXLINE", 65536)
+    most_lines = getattr(http.client, "_MAXHEADERS", 100)
     lines: List[bytes] = []
     while True:
-        line = fp.readline(_HEADER_LINE_BYTES + 1)
-        if len(line) > _HEADER_LINE_BYTES:
+        line = fp.readline(most_bytes + 1)
+        if len(line) > most_bytes:
             raise http.client.LineTooLong("header line")
         lines.append(line)
-        if len(lines) > _HEADER_LINES:
-            raise http.client.HTTPException(f"got more than {_HEADER_LINES} headers")
+        if len(lines) > most_lines:
+            raise http.client.HTTPException(f"got more than {most_lines} headers")
         if line in (b"\r\n", b"\n", b""):
             break
     headers = http.client.HTTPMessage()
