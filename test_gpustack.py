@@ -1111,7 +1111,7 @@ def test_concurrent_threads_share_one_model(model, fake):
 from agno.exceptions import EmbeddingError  # noqa: E402
 from agno.knowledge.document import Document  # noqa: E402
 
-from gpustack import GPUStack, GPUStackEmbeddings, GPUStackRerank, list_models  # noqa: E402
+from gpustack import GPUStack, GPUStackEmbeddings, list_models  # noqa: E402
 
 
 def embeddings_answer(vectors, order=None, usage=True):
