@@ -181,12 +181,8 @@ def start_postgres(stack: Stack) -> str:
                    check=True, stdout=subprocess.DEVNULL, user=user, cwd=stack.workdir)
     stack.start("postgres", [os.path.join(bin_dir, "postgres"), "-D", data, "-p", str(port), "-k", sockets,
                              "-c", "listen_addresses=127.0.0.1"], user=user)
-    deadline = time.monotonic() + 60
-    while subprocess.run([os.path.join(bin_dir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode:
-        stack.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError("PostgreSQL did not start within 60 s:\n" + stack.tail("postgres"))
-        time.sleep(0.2)
+    pg_isready = [os.path.join(bin_dir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
+    wait_until("PostgreSQL accepting connections", lambda: subprocess.run(pg_isready).returncode == 0, 60, stack, "postgres")
     subprocess.run([os.path.join(bin_dir, "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "root", "gpustack"],
                    check=True)
     return f"postgresql://root@127.0.0.1:{port}/gpustack?sslmode=disable"
