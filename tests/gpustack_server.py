@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -99,10 +99,18 @@ def without_proxies() -> Dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.lower().endswith("_proxy")}
 
 
+_GIVEN_PORTS: Set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free now and not handed out before: the kernel may offer a just-closed probe's port again."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 class Stack:
@@ -252,12 +260,15 @@ def wait_until(what: str, ready: Any, seconds: float, stack: Stack, log_name: st
 
 
 def start_gpustack(stack: Stack, database_url: str) -> Admin:
-    python, port, password = gpustack_python(), free_port(), secrets.token_urlsafe(16)
+    # token_urlsafe() starts with "-" once in 64 draws, and argparse then reads "--bootstrap-password -x"
+    # as a flag without its value. The "=" form takes any value; starting every password with "-"
+    # makes each run prove it instead of one in 64.
+    python, port, password = gpustack_python(), free_port(), "-" + secrets.token_urlsafe(16)
     flags = ["--data-dir", os.path.join(stack.workdir, "data"), "--api-port", str(port), "--port", str(free_port()),
              "--proxy-port", str(free_port()), "--database-url", database_url, "--gateway-mode", "disabled",
              "--disable-worker", "--disable-metrics", "--disable-update-check", "--disable-builtin-observability",
              "--ota-server-url", "http://127.0.0.1:9/ota", "--system-default-container-registry", "docker.io",
-             "--bootstrap-password", password]
+             f"--bootstrap-password={password}"]
     stack.start("gpustack", [python, os.path.join(HERE, "gpustack_inside.py"), "server", *flags], env=without_proxies())
     admin = Admin(f"http://127.0.0.1:{port}", password)
     started = time.monotonic()
