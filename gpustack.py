@@ -118,9 +118,6 @@ ASYNC_STREAM_BACKLOG = 1024  # pieces a stream reader may run ahead of its async
 
 USER_AGENT = f"agno-gpustack/{__version__} (+python-urllib)"
 
-_BACKEND_4XX = re.compile(r"Worker request failed:.*?status=4\d\d")
-
-
 def _server_root(base_url: Optional[str]) -> str:
     """The server's origin and path prefix, without a trailing ``/``, ``/v1`` or ``/v1-openai``."""
     url = (base_url or os.getenv(SERVER_URL_ENV) or DEFAULT_SERVER_URL).strip()
@@ -220,21 +217,44 @@ def _settings(
     )
 
 
-def _client_of(owner: Any, model_name: str) -> "_Transport":
-    """A model's transport, validated and built once; built again only if a client setting was changed since."""
-    headers = owner.headers
-    key = (
-        owner.base_url, owner.api_key, owner.timeout, owner.connect_timeout, owner.max_retries, owner.verify,
-        tuple(headers.items()) if headers else None, owner.id,
-    )
-    cached = owner._client_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    settings = _settings(owner.base_url, owner.api_key or "", owner.timeout, owner.max_retries, owner.verify, headers,
-                         model_name=model_name, model_id=owner.id, connect_timeout=owner.connect_timeout)
-    transport = _Transport(settings)
-    owner._client_cache = (key, transport)
-    return transport
+@dataclass
+class _ClientOptions:
+    """How to reach GPUStack: the one definition of the client options every class and function takes.
+
+    The dataclass models inherit these fields; the others take the same names as keywords
+    (``GPUStackRerank(id="bge-reranker", timeout=30)``, ``list_models(headers={...})``).
+    """
+
+    base_url: Optional[str] = None  # falls back to GPUSTACK_SERVER_URL, then http://localhost:9009
+    api_key: Optional[str] = field(default=None, repr=False)  # falls back to GPUSTACK_API_KEY
+    timeout: float = DEFAULT_TIMEOUT  # seconds to wait for data
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds to open a connection
+    max_retries: int = DEFAULT_MAX_RETRIES
+    verify: Union[bool, str] = True  # False, or a CA bundle's path
+    headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # may carry credentials too
+
+    def _resolve_client_options(self) -> None:
+        """Settle the server and the key once, at construction (a later change of the environment is not read)."""
+        self.base_url = _server_root(self.base_url)
+        if self.api_key is None:
+            self.api_key = os.getenv(API_KEY_ENV) or None
+
+    def _client_settings(self, model_name: str, model_id: Optional[str] = None) -> _Settings:
+        return _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
+                         model_name=model_name, model_id=model_id, connect_timeout=self.connect_timeout)
+
+
+CLIENT_OPTIONS = tuple(option.name for option in dataclasses.fields(_ClientOptions))
+
+
+def _client_options(given: Dict[str, Any], **defaults: Any) -> _ClientOptions:
+    """The client options among keyword arguments (taken out of ``given``); any other name is a clear error."""
+    options = {name: given.pop(name) for name in CLIENT_OPTIONS if name in given}
+    for name, value in defaults.items():
+        options.setdefault(name, value)
+    client = _ClientOptions(**options)
+    client._resolve_client_options()
+    return client
 
 
 def _error_text(body: bytes, content_type: str = "") -> Tuple[str, Optional[str]]:
@@ -359,7 +379,8 @@ _WRAPPED = re.compile(r"Worker request failed:.*? status=(\d{3}), error=(.*)", r
 
 
 def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str], str]]:
-    """GPUStack's 503 around a backend's error: the backend's (status, words, code, body), when its body parses."""
+    """GPUStack's 503 around a backend's error: the backend's (status, words, code, body); its words stay
+    GPUStack's whole message when the backend's body is not a JSON object."""
     found = _WRAPPED.search(words) if status == 503 else None
     if found is None:
         return None
@@ -367,36 +388,60 @@ def _unwrapped(status: int, words: str) -> Optional[Tuple[int, str, Optional[str
     try:
         parsed = json.loads(inner)
     except ValueError:
-        return None
+        parsed = None
     if not isinstance(parsed, dict):
-        return None
+        return int(found[1]), words, None, inner
     inner_words, inner_code = _error_text(inner.encode())
     return int(found[1]), inner_words, inner_code, inner
 
 
-def _error_hint(status: int, message: str, settings: _Settings, location: Optional[str] = None) -> str:
-    """What the user can do about an HTTP error, in one sentence."""
-    lowered = message.lower()
+# What a deployment lookup may explain in a failure (the layer above the transport asks the server, once).
+UNKNOWN_MODEL, NOT_RUNNING, OTHER_TASK = "unknown model", "not running", "other task"
+
+
+@dataclass
+class _Failure:
+    """What went wrong with one call, as data. The transport raises it inside a ModelProviderError
+    (``error.failure``); the layers above may add to its words what the server can tell, once."""
+
+    status: int  # the HTTP status, or 502 when no answer came
+    words: str  # the server's own words, or what failed on the way
+    where: str  # "HTTP 404 from POST http://host/v1/chat/completions", "in an answer", ...
+    hint: str = ""  # what the user can do, as far as the words tell
+    answered: bool = True  # whether any HTTP answer came
+    backend_status: Optional[int] = None  # the backend's own status, when GPUStack relayed it in a 503
+    code: Optional[str] = None
+    path: str = ""  # the endpoint, without its query
+    topic: Optional[str] = None  # UNKNOWN_MODEL, NOT_RUNNING, OTHER_TASK: what a lookup may explain
+    retry: Optional[bool] = None  # what the words say of a second try; None: the status decides
+    kind: Type[ModelProviderError] = ModelProviderError
+
+    def message(self, hint: Optional[str] = None) -> str:
+        shown = f"{self.words} ({self.where}" + (f", code {self.code}" if self.code else "") + ")." if self.where else self.words
+        return f"{shown} {self.hint if hint is None else hint}".rstrip()
+
+
+def _error_hint(status: int, words: str, settings: _Settings, location: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """What the user can do about an HTTP error, in one sentence, and what a lookup may explain."""
+    lowered = words.lower()
     if 300 <= status < 400:
         return (
             f"The server redirected to {_redact_url(location or '?')}; redirects are not followed, so the API key "
             f"never goes to another address. Set base_url or {SERVER_URL_ENV} to the new address "
             "(often http:// changed to https://)."
-        )
+        ), None
     if status in (401, 403):
         state = "was sent" if settings.api_key else "is not set"
-        return f"Check the API key: {API_KEY_ENV} (or api_key=...) {state}; create one in GPUStack's UI under API Keys."
+        return f"Check the API key: {API_KEY_ENV} (or api_key=...) {state}; create one in GPUStack's UI under API Keys.", None
     if status == 404 and "model" in lowered:
-        return _check_model_name(settings.model_id)
+        return _check_model_name(settings.model_id), UNKNOWN_MODEL
     if status == 404:
-        return f"Check base_url: {settings.root} should be the GPUStack server itself, without /v1."
+        return f"Check base_url: {settings.root} should be the GPUStack server itself, without /v1.", None
     if status == 503 and ("no running instance" in lowered or "no healthy upstream" in lowered):
-        return _NOT_RUNNING_HINT
-    if status == 503 and _BACKEND_4XX.search(message):
-        return "The model's backend rejected the request itself; retrying cannot help."
+        return _NOT_RUNNING_HINT, NOT_RUNNING
     if status == 429:
-        return "GPUStack is rate-limiting this key; slow down or raise the limit."
-    return ""
+        return "GPUStack is rate-limiting this key; slow down or raise the limit.", None
+    return "", None
 
 
 _NOT_RUNNING_HINT = "The model exists but has no running instance yet: wait for it to start, or check it in GPUStack."
@@ -408,100 +453,112 @@ def _check_model_name(model_id: Optional[str]) -> str:
 
 
 def _provider_error(
-    message: str, status: int, settings: _Settings, kind: Type[ModelProviderError] = ModelProviderError
+    message: str, status: int, settings: _Settings, kind: Type[ModelProviderError] = ModelProviderError,
+    failure: Optional[_Failure] = None,
 ) -> ModelProviderError:
-    """The one way this module builds an error: Agno's type, classified, key-free."""
+    """The one way this module builds an error: Agno's type, classified, key-free, with its failure as data."""
     error = kind(
         message=_redact(message, settings.api_key),
         status_code=status,
         model_name=settings.model_name,
         model_id=settings.model_id,
     )
-    return ModelProviderError.classify(error)
+    error = ModelProviderError.classify(error)
+    error.failure = failure  # type: ignore[attr-defined]
+    return error
 
 
-def _server_error(status: int, words: str, code: Optional[str], where: str, settings: _Settings, raw: str = "",
-                  location: Optional[str] = None, path: str = "") -> Tuple[ModelProviderError, Optional[bool]]:
-    """The error for what a server said, with the fix when the words tell it, and whether a retry may help
-    (None: the status decides). Used for HTTP answers and for errors inside streams alike."""
+def _no_answer(error: ModelProviderError) -> bool:
+    """Whether a call got no HTTP answer at all (the command line's exit code tells these apart)."""
+    failure = getattr(error, "failure", None)
+    return failure is not None and not failure.answered
+
+
+def _failed(failure: _Failure, settings: _Settings) -> ModelProviderError:
+    return _provider_error(failure.message(), failure.status, settings, failure.kind, failure)
+
+
+def _server_failure(status: int, words: str, code: Optional[str], where: str, settings: _Settings, raw: str = "",
+                    location: Optional[str] = None, path: str = "") -> _Failure:
+    """What a server said, with the fix when its words tell it. Used for HTTP answers and errors inside streams alike."""
+    failure = _Failure(status, words, where, code=code, path=path)
     wrapped = _unwrapped(status, words)
     if wrapped is not None:
-        backend_status, words, code, raw = wrapped
-        where = f"HTTP {backend_status} from the model's backend, relayed by GPUStack as {where}"
-        status = backend_status
-    shown = f"{words} ({where}" + (f", code {code}" if code else "") + ")."
-    overflow = _context_overflow(words, raw)
+        failure.backend_status, failure.words, failure.code, raw = wrapped
+        failure.where = f"HTTP {failure.backend_status} from the model's backend, relayed by GPUStack as {where}"
+        if failure.words != words:  # the backend's own words: its status is the one that counts
+            failure.status = status = failure.backend_status
+        elif failure.backend_status < 500:
+            failure.hint = "The model's backend rejected the request itself; retrying cannot help."
+            return failure
+    overflow = _context_overflow(failure.words, raw)
     if overflow is not None:
-        return _provider_error(f"{shown} {_context_hint(*overflow)}", status, settings, ContextWindowExceededError), False
-    fix = _deployment_fix(words)
-    if fix is None and status == 404 and words == "Not Found" and path in ("rerank", "embeddings"):
+        failure.hint, failure.retry, failure.kind = _context_hint(*overflow), False, ContextWindowExceededError
+        return failure
+    fix = _deployment_fix(failure.words)
+    if fix is None and status == 404 and failure.words == "Not Found" and path in ("rerank", "embeddings"):
         fix = f"The model's backend has no /v1/{path} (or base_url is not the GPUStack server). {_OTHER_TASK_HINT}"
     if fix is not None:
-        return _provider_error(f"{shown} {fix}", status, settings), False
-    hint = _error_hint(status, words, settings, location)
-    return _provider_error(f"{shown} {hint}".rstrip(), status, settings), None
+        failure.hint, failure.retry = fix, False
+        failure.topic = OTHER_TASK if fix.endswith(_OTHER_TASK_HINT) else None
+        return failure
+    failure.hint, failure.topic = _error_hint(status, failure.words, settings, location)
+    return failure
 
 
-def _http_error(
-    status: int, reason: str, headers: Any, body: bytes, method: str, url: str, settings: _Settings, path: str = ""
-) -> Tuple[ModelProviderError, Optional[bool]]:
+def _http_failure(status: int, reason: str, headers: Any, body: bytes, method: str, url: str, settings: _Settings,
+                  path: str = "") -> _Failure:
     words, code = _error_text(body, headers.get("Content-Type", "") if headers is not None else "")
     words = words or f"HTTP {status} {reason}".strip()
     location = headers.get("Location") if headers is not None else None
     where = f"HTTP {status} from {method} {_redact_url(url)}"
-    return _server_error(status, words, code, where, settings, body.decode("utf-8", "replace"), location, path)
+    return _server_failure(status, words, code, where, settings, body.decode("utf-8", "replace"), location, path)
 
 
-def _connection_error(exc: BaseException, method: str, url: str, settings: _Settings) -> ModelProviderError:
-    """An error for a call that got no HTTP answer (status 502, as Agno uses)."""
+def _connection_failure(exc: BaseException, method: str, url: str, settings: _Settings) -> _Failure:
+    """A call that got no HTTP answer (status 502, as Agno uses)."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     shown = _redact_url(url)
-    if isinstance(reason, _ConnectTimeout):
-        message = (
-            f"Could not connect to {shown} within connect_timeout={settings.connect_timeout:g}s: the host is "
+    if isinstance(reason, _ConnectTimeout) or isinstance(reason, _Unreachable) and reason.timed_out:
+        tried = f" (tried {', '.join(address for address, _ in reason.tried)})" if isinstance(reason, _Unreachable) else ""
+        words = (
+            f"Could not connect to {shown}{tried} within connect_timeout={settings.connect_timeout:g}s: the host is "
             "unreachable or a firewall drops the packets. Check the address and the network path to GPUStack "
             "(VPN, firewall, proxy settings); raise connect_timeout=... only for a very slow network."
         )
     elif isinstance(reason, (socket.timeout, TimeoutError)):
-        message = (
+        words = (
             f"No answer from {method} {shown} within timeout={settings.timeout:g}s; "
             "raise timeout=... if the model is slow (a cold start can take minutes)."
         )
     elif isinstance(reason, ssl.SSLCertVerificationError):
-        message = (
+        words = (
             f"TLS certificate of {shown} could not be verified ({reason.verify_message or reason}); pass "
             "verify='/path/to/ca.pem' for a private CA, or verify=False for a self-signed certificate."
         )
-    elif isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or (
+    elif isinstance(reason, (ConnectionRefusedError, socket.gaierror, _Unreachable)) or (
         isinstance(reason, OSError) and not isinstance(reason, (ConnectionResetError, BrokenPipeError))
     ):
-        message = (
+        words = (
             f"Cannot connect to GPUStack at {shown}: {reason}. Is the server running there? "
             f"Set base_url=... or {SERVER_URL_ENV}."
         )
     else:
-        message = f"Connection to {shown} failed before an answer: {reason!r}."
-    error = _provider_error(message, 502, settings)
-    error.no_answer = True  # type: ignore[attr-defined]  # the command line's exit code tells these apart
-    return error
+        words = f"Connection to {shown} failed before an answer: {reason!r}."
+    return _Failure(502, words, "", answered=False, retry=not isinstance(reason, ssl.SSLCertVerificationError))
 
 
-def _should_retry(status: int, message: str, headers: Any, diagnosed: Optional[bool] = None) -> bool:
-    """Whether an HTTP error can succeed on a second try; ``diagnosed`` is what the server's words told."""
+def _should_retry(failure: _Failure, headers: Any = None) -> bool:
+    """Whether a failed call can succeed on a second try: the server's ``x-should-retry`` first, then what its
+    words told, then the status: never another 4xx, which fails the same way every time."""
     verdict = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
     if verdict in ("true", "false"):
         return verdict == "true"
-    if diagnosed is not None:
-        return diagnosed
-    if status == 503 and _BACKEND_4XX.search(message):
+    if failure.retry is not None:
+        return failure.retry
+    if failure.backend_status is not None and failure.backend_status < 500:
         return False  # GPUStack wraps the backend's own 4xx into a 503; it fails the same way every time
-    return status in (408, 409, 429) or status >= 500  # never another 4xx: it fails the same way every time
-
-
-def _should_retry_connection(exc: BaseException) -> bool:
-    """Whether a call that got no answer can succeed on a second try: not when the certificate is wrong."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    return not isinstance(reason, ssl.SSLCertVerificationError)
+    return failure.status in (408, 409, 429) or failure.status >= 500
 
 
 def _retry_after(headers: Any) -> Optional[float]:
@@ -633,9 +690,14 @@ class _ConnectionPool:
                 return
         conn.close()
 
-    def close(self) -> None:
+    def close(self, host: Optional[str] = None) -> None:
+        """Close the idle connections to ``host`` (``name:port`` as in the URL), directly or tunnelled; or all."""
         with self._lock:
-            idle, self._idle = self._idle, {}
+            if host is None:
+                idle, self._idle = self._idle, {}
+            else:
+                keys = [key for key in self._idle if key[2] == host or (key[2] is None and key[1] == host)]
+                idle = {key: self._idle.pop(key) for key in keys}
         for conns in idle.values():
             for conn, _ in conns:
                 conn.close()
@@ -770,12 +832,28 @@ def _no_delay(sock: socket.socket) -> None:
             pass
 
 
+def _address_text(where: Tuple[Any, ...]) -> str:
+    host, port = where[0], where[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _Unreachable(OSError):
+    """No address of a host took the connection; ``tried`` names each, in order, with its failure."""
+
+    def __init__(self, tried: List[Tuple[str, OSError]]) -> None:
+        self.tried = tried
+        self.timed_out = any(isinstance(error, socket.timeout) for _, error in tried)
+        super().__init__(f"{tried[-1][1]} (tried {', '.join(address for address, _ in tried)})")
+
+
 def _open_socket(address: Tuple[str, int], timeout: Any = None, source_address: Any = None, *_: Any) -> socket.socket:
-    """``socket.create_connection``, with each socket handed to the call's guard before it connects,
-    so that a cancelled task stops a connect that would otherwise wait out the whole connect timeout."""
+    """``socket.create_connection`` as urllib3 does it: each address the name resolves to, in turn, each
+    within the connect timeout, so a host whose first address is unreachable (often its IPv6 one) still
+    answers on the next. Each socket is handed to the call's guard before it connects, so that a
+    cancelled task stops a connect that would otherwise wait out the whole connect timeout."""
     guard = _GUARD.get()
     host, port = address
-    error: Optional[OSError] = None
+    tried: List[Tuple[str, OSError]] = []
     for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
         sock = socket.socket(family, kind, proto)
         try:
@@ -787,24 +865,26 @@ def _open_socket(address: Tuple[str, int], timeout: Any = None, source_address: 
             sock.connect(where)
             _no_delay(sock)
             return sock
-        except socket.timeout:
-            sock.close()
-            raise
         except OSError as exc:
             sock.close()
             if guard is not None and guard.aborted:
                 raise _Aborted() from None
-            error = exc
+            tried.append((_address_text(where), exc))
         except BaseException:
             sock.close()
             raise
-    raise error or OSError(f"cannot resolve {host}")
+    if not tried:
+        raise OSError(f"cannot resolve {host}")
+    raise _Unreachable(tried)
 
 
 def _connect(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> None:
     """Open ``conn`` within its connect timeout, then wait for data with its read timeout."""
     read_timeout = conn.timeout
     conn.timeout = conn.connect_timeout  # type: ignore[attr-defined]
+    # The one private name of http.client used here: HTTPConnection.__init__ sets _create_connection as
+    # its seam for opening the socket (CPython's own tests replace it). The alternative, a connect() of
+    # our own, would have to call the private _tunnel() for proxies. Exercised by every test that connects.
     conn._create_connection = _open_socket  # type: ignore[attr-defined]
     try:
         connect()
@@ -819,90 +899,37 @@ def _connect(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> N
     conn.sock.settimeout(read_timeout)
 
 
-ONE_WRITE_BYTES = 64 * 1024  # a request up to this size goes out in one write, headers and body together
-
-
-def _send_whole(conn: Any, message_body: Any, encode_chunked: bool, send_output: Callable[..., None]) -> None:
-    """http.client writes the headers, then the body: two system calls and two packets a call.
-    A small body joins the headers in one write; a large one (images, audio) is not copied."""
-    if isinstance(message_body, bytes) and not encode_chunked and len(message_body) <= ONE_WRITE_BYTES:
-        conn._buffer.extend((b"", message_body))
-        message = b"\r\n".join(conn._buffer)
-        del conn._buffer[:]
-        conn.send(message)
-        return
-    send_output(message_body, encode_chunked)
-
-
-# http.client reads every answer's headers through the email package: about 30 us a call, a tenth of
-# a local chat call's CPU. Plain header lines are read here instead, into the same HTTPMessage;
-# anything unusual (a folded line, a line without a name, a bare CR) goes to http.client's own parser.
-_PLAIN_HEADER_LINE = re.compile(rb"[!-9;-~]+:[^\r\n]*\r?\n")
-
-
-def _parse_headers(fp: Any) -> http.client.HTTPMessage:
-    """``http.client.parse_headers``, with the same limits and result, at a quarter of the cost."""
-    # http.client's limits as they are now: some programs raise them (a proxy that adds many headers).
-    most_bytes = getattr(http.client, "_MAXLINE", 65536)
-    most_lines = getattr(http.client, "_MAXHEADERS", 100)
-    lines: List[bytes] = []
-    while True:
-        line = fp.readline(most_bytes + 1)
-        if len(line) > most_bytes:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > most_lines:
-            raise http.client.HTTPException(f"got more than {most_lines} headers")
-        if line in (b"\r\n", b"\n", b""):
-            break
-    headers = http.client.HTTPMessage()
-    for line in lines[:-1]:
-        if not _PLAIN_HEADER_LINE.fullmatch(line):
-            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
-        name, _, value = line.decode("iso-8859-1").partition(":")
-        headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))  # as the email package's compat32 policy stores it
-    headers.set_payload("")
-    return headers
-
-
-class _HTTPResponse(http.client.HTTPResponse):
-    # The running Python's own begin(), with only parse_headers resolved to ours: the status line,
-    # 100 Continue, chunking, Content-Length and keep-alive rules stay http.client's, whatever its version.
-    begin = types.FunctionType(
-        http.client.HTTPResponse.begin.__code__, {**vars(http.client), "parse_headers": _parse_headers}, "begin"
-    )
-
-
 class _HTTPConnection(http.client.HTTPConnection):
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
-    response_class = _HTTPResponse
 
     def connect(self) -> None:
         _connect(self, super().connect)
 
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        _send_whole(self, message_body, encode_chunked, super()._send_output)  # type: ignore[misc]
-
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
-    response_class = _HTTPResponse
+    tls_context: ssl.SSLContext
+    tls_host: str  # the name the certificate must carry: the server's, also through a proxy's tunnel
 
     def connect(self) -> None:
         _connect(self, self._tcp_then_tls)
 
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        _send_whole(self, message_body, encode_chunked, super()._send_output)  # type: ignore[misc]
-
     def _tcp_then_tls(self) -> None:
         http.client.HTTPConnection.connect(self)  # TCP, and the proxy's CONNECT tunnel if any
         guard = _GUARD.get()
-        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
-            self.sock, server_hostname=getattr(self, "_tunnel_host", None) or self.host, do_handshake_on_connect=False
-        )
+        self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.tls_host, do_handshake_on_connect=False)
         if guard is not None:
             guard.attach(self.sock)  # the handshake, too, ends at once when the task is cancelled
         self.sock.do_handshake()
+
+
+def _tunnel_target(req: urllib.request.Request) -> Optional[str]:
+    """The ``host:port`` an HTTPS request reaches through a proxy's CONNECT tunnel, else None: urllib's
+    ProxyHandler keeps such a request's type ``https`` and points its ``host`` at the proxy."""
+    if req.type != "https":
+        return None
+    origin = urllib.parse.unquote(urllib.parse.urlsplit(req.full_url).netloc)
+    return origin if req.host != origin else None
 
 
 class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
@@ -918,20 +945,20 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
 
     def __init__(self, ssl_context: Optional[ssl.SSLContext]) -> None:
         super().__init__()
-        self._context = ssl_context
+        self.tls_context = ssl_context or ssl.create_default_context()
         self.pool = _ConnectionPool()
 
     def http_open(self, req: urllib.request.Request) -> _Reply:
-        return self._open(req, _HTTPConnection, {})
+        return self._open(req, _HTTPConnection)
 
     def https_open(self, req: urllib.request.Request) -> _Reply:
-        return self._open(req, _HTTPSConnection, {"context": self._context})
+        return self._open(req, _HTTPSConnection)
 
     http_request = urllib.request.AbstractHTTPHandler.do_request_
     https_request = urllib.request.AbstractHTTPHandler.do_request_
 
-    def _open(self, req: urllib.request.Request, conn_class: Type[http.client.HTTPConnection], extra: dict) -> _Reply:
-        tunnel = getattr(req, "_tunnel_host", None)
+    def _open(self, req: urllib.request.Request, conn_class: Type[http.client.HTTPConnection]) -> _Reply:
+        tunnel = _tunnel_target(req)
         key = (req.type, req.host, tunnel)
         headers = {name.title(): value for part in (req.headers, req.unredirected_hdrs) for name, value in part.items()}
         tunnel_headers = {}
@@ -944,10 +971,7 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
             conn = self.pool.take(key)
             reused = conn is not None
             if conn is None:
-                conn = conn_class(req.host, timeout=req.timeout, **extra)
-                conn.connect_timeout = getattr(req, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # type: ignore[attr-defined]
-                if tunnel:
-                    conn.set_tunnel(tunnel, headers=tunnel_headers)
+                conn = self._new_connection(conn_class, req, tunnel, tunnel_headers)
             else:
                 conn.timeout = req.timeout
                 conn.sock.settimeout(req.timeout)
@@ -976,6 +1000,17 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
                 conn.close()
                 raise
             return _Reply(resp, conn, self.pool, key, guard)
+
+    def _new_connection(self, conn_class: Type[http.client.HTTPConnection], req: urllib.request.Request,
+                        tunnel: Optional[str], tunnel_headers: Dict[str, str]) -> http.client.HTTPConnection:
+        conn = conn_class(req.host, timeout=req.timeout)
+        conn.connect_timeout = getattr(req, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # type: ignore[attr-defined]
+        if isinstance(conn, _HTTPSConnection):
+            conn.tls_context = self.tls_context
+            conn.tls_host = urllib.parse.urlsplit("//" + (tunnel or req.host)).hostname or req.host
+        if tunnel:
+            conn.set_tunnel(tunnel, headers=tunnel_headers)
+        return conn
 
 
 _OPENERS: Dict[Any, Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]] = {}
@@ -1007,16 +1042,9 @@ _PROXY_VARIABLES = tuple(
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
-def _proxy_environment() -> Tuple[Optional[Any], ...]:
-    """The proxy variables as they are now, read on every call as urllib does (10 us through ``os.environ``,
-    whose ``get`` raises and catches a KeyError per absent name: on POSIX, its dict is read directly)."""
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-        return tuple(map(data.get, _PROXY_KEYS))
+def _proxy_environment() -> Tuple[Optional[str], ...]:
+    """The proxy variables as they are now, read on every call as urllib reads them for a new opener."""
     return tuple(map(os.environ.get, _PROXY_VARIABLES))
-
-
-_PROXY_KEYS = tuple(os.fsencode(name) for name in _PROXY_VARIABLES)
 
 
 def _opener(verify: Union[bool, str]) -> Tuple[urllib.request.OpenerDirector, _KeepAliveHandler]:
@@ -1037,12 +1065,15 @@ def _opener(verify: Union[bool, str]) -> Tuple[urllib.request.OpenerDirector, _K
     return found
 
 
-def close_connections() -> None:
-    """Close every idle keep-alive connection this module holds: ``gpustack.close_connections()``."""
+def close_connections(base_url: Optional[str] = None) -> None:
+    """Close the idle keep-alive connections this module holds: every one, or only those to one server
+    (``close_connections("http://gpustack:9009")``; through a proxy's tunnel too, not a plain proxy's,
+    which other servers share)."""
+    host = urllib.parse.unquote(urllib.parse.urlsplit(_server_root(base_url)).netloc) if base_url else None
     with _OPENERS_LOCK:
         handlers = [handler for _, handler in _OPENERS.values()]
     for handler in handlers:
-        handler.pool.close()
+        handler.pool.close(host)
 
 
 class _Malformed(Exception):
@@ -1072,6 +1103,9 @@ class _Reading:
             raise self._transport.malformed(problem, self._answer) from None
 
 
+TransportT = TypeVar("TransportT", bound="_Transport")
+
+
 class _Transport:
     """Every HTTP call of the module: request, status check, retry, error mapping, SSE."""
 
@@ -1093,10 +1127,11 @@ class _Transport:
         """``chat/completions`` is under /v1; a path from the root (``/v2/models``) is taken as it is."""
         return f"{self.settings.root}{path}" if path[:1] == "/" else f"{self.settings.root}/v1/{path}"
 
-    def with_timeouts(self, timeout: Optional[float], connect_timeout: Optional[float] = None, max_retries: Optional[int] = None) -> "_Transport":
+    def with_timeouts(self: "TransportT", timeout: Optional[float], connect_timeout: Optional[float] = None,
+                      max_retries: Optional[int] = None) -> "TransportT":
         """This transport for one call with other limits (Agno's page store gives each embedding a deadline)."""
         settings = self.settings
-        return _Transport(
+        return type(self)(
             dataclasses.replace(
                 settings,
                 timeout=_seconds("timeout", timeout, settings.timeout),
@@ -1129,12 +1164,11 @@ class _Transport:
         while True:
             request = urllib.request.Request(url, data=data, headers=headers, origin_req_host=self._origin, method=method)
             request.connect_timeout = settings.connect_timeout  # type: ignore[attr-defined]  # read by _KeepAliveHandler
-            delay: Optional[float]
+            headers_seen: Any = None
             try:
                 reply = opener.open(request, timeout=settings.timeout)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                error = _connection_error(exc, method, url, settings)
-                delay = _retry_delay(attempt) if _should_retry_connection(exc) else None
+                failure = _connection_failure(exc, method, url, settings)
             else:
                 if 200 <= reply.status < 300:
                     return reply
@@ -1143,16 +1177,17 @@ class _Transport:
                 except (OSError, http.client.HTTPException):
                     raw = b""
                 reply.close()
-                error, diagnosed = _http_error(reply.status, reply.reason, reply.headers, raw, method, url, settings,
-                                               path.split("?")[0])
-                retry = _should_retry(error.status_code, error.message, reply.headers, diagnosed)
-                delay = _retry_delay(attempt, reply.headers) if retry else None
+                headers_seen = reply.headers
+                failure = _http_failure(reply.status, reply.reason, reply.headers, raw, method, url, settings,
+                                        path.split("?")[0])
+            delay = _retry_delay(attempt, headers_seen) if _should_retry(failure, headers_seen) else None
             if attempt >= settings.max_retries or delay is None:
-                raise _explained(error, settings, path)
+                raise _failed(failure, settings)
             attempt += 1
             from agno.utils.log import log_warning
 
-            log_warning(f"GPUStack: {error.message} Retrying in {delay:.2f}s ({attempt}/{settings.max_retries}).")
+            log_warning(_redact(f"GPUStack: {failure.message()} Retrying in {delay:.2f}s ({attempt}/{settings.max_retries}).",
+                                settings.api_key))
             if guard is not None:
                 guard.sleep(delay)
             else:
@@ -1215,7 +1250,7 @@ class _Transport:
 
     def _lost(self, exc: BaseException, method: str, url: str) -> ModelProviderError:
         if isinstance(exc, (socket.timeout, TimeoutError)):
-            return _connection_error(exc, method, url, self.settings)
+            return _failed(_connection_failure(exc, method, url, self.settings), self.settings)
         return _provider_error(
             f"Connection to {_redact_url(url)} broke while reading the answer ({exc!r}); the answer is incomplete.",
             502,
@@ -1236,7 +1271,7 @@ class _Transport:
             content_type = reply.headers.get("Content-Type", "").lower()
             if "json" in content_type:
                 # A gateway that ignored stream=true: one whole answer instead of events.
-                whole = self._decode(self._read_all(reply, url), reply, url)
+                whole = self._decode(self.whole(reply, "POST", path), reply, url)
                 _raise_if_error_event(whole, "", self.settings)
                 clean = True
                 yield whole
@@ -1291,12 +1326,6 @@ class _Transport:
             raise _provider_error(f"GPUStack's event stream is malformed: {exc}", 502, self.settings) from None
         yield from decoder.close()
 
-    def _read_all(self, reply: _Reply, url: str) -> bytes:
-        try:
-            return reply.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._lost(exc, "POST", url) from None
-
 
 def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> None:
     """Raise for an error reported inside a stream: a top-level ``error`` or an ``event: error``."""
@@ -1311,7 +1340,8 @@ def _raise_if_error_event(chunk: Any, event_type: str, settings: _Settings) -> N
             if isinstance(candidate, int) and 400 <= candidate < 600:
                 status = candidate
                 break
-        raise _server_error(status, f"Error inside the stream: {words}", code, "in an answer", settings, raw.decode())[0]
+        raise _failed(_server_failure(status, f"Error inside the stream: {words}", code, "in an answer", settings, raw.decode()),
+                      settings)
 
 
 def _has_finish_reason(chunk: Dict[str, Any]) -> bool:
@@ -1606,7 +1636,7 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncGenerator[
             pass
         except BaseException as exc:
             try:
-                hand_over(_Failure(exc))
+                hand_over(_Raised(exc))
             except _Aborted:
                 pass
         finally:
@@ -1640,7 +1670,7 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncGenerator[
             for item in batch:
                 if item is _END:
                     return
-                if isinstance(item, _Failure):
+                if isinstance(item, _Raised):
                     raise item.error
                 yield item
     finally:
@@ -1649,11 +1679,206 @@ async def _iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncGenerator[
         stop()
 
 
-class _Failure:
+class _Raised:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+# The deployment ##############################################################
+# What the module learns about a server and its models: which models run, under which categories,
+# each one's meta (context window, voices, ...), and what GPUStack's management API says of a model
+# that isn't running. Learned lazily, never on the way of a call that succeeds; cached per server
+# (and key: what a key may see differs) for DEPLOYMENT_TTL seconds; each lookup bounded in time and
+# never retried. A lookup that fails tells nothing: the call's own error stays as it was.
+
+DEPLOYMENT_TTL = 10.0  # seconds a lookup's answer is taken as still true
+LOOKUP_SECONDS = 2.0  # what explaining a failed call may add to it, at most
+MODEL_CATEGORIES = ("llm", "embedding", "image", "reranker", "speech_to_text", "text_to_speech", "unknown")
+_CLASS_FOR = {"llm": "GPUStackChat", "embedding": "GPUStackEmbeddings", "reranker": "GPUStackRerank"}
+
+
+class _Deployment:
+    """One server as one key sees it: ``_deployment(settings).models(with_meta=True)``."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = dataclasses.replace(settings, max_retries=0, model_name="GPUStack lookup", model_id=None)
+        self._answers: Dict[str, Tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def ask(self, path: str, expect: str, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> List[Any]:
+        """The ``expect`` list of a GET, from the cache while it is fresh; one request within ``seconds`` otherwise."""
+        with self._lock:
+            known = self._answers.get(path)
+        if known is not None and not fresh and time.monotonic() - known[0] < DEPLOYMENT_TTL:
+            return known[1]
+        seconds = max(0.1, seconds)
+        settings = dataclasses.replace(self.settings, timeout=seconds, connect_timeout=min(seconds, self.settings.connect_timeout))
+        items = _Transport(settings).call("GET", path, expect=expect)[expect]
+        with self._lock:
+            self._answers[path] = (time.monotonic(), items)
+        return items
+
+    def models(self, categories: Sequence[str] = (), with_meta: bool = False, seconds: float = LOOKUP_SECONDS,
+               fresh: bool = False) -> List[Dict[str, Any]]:
+        """GPUStack's items for the running models (of these categories), with their ``meta`` when asked."""
+        query = [("categories", category) for category in categories] + ([("with_meta", "true")] if with_meta else [])
+        path = "models" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return [item for item in self.ask(path, "data", seconds, fresh) if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+    def running(self, category: Optional[str] = None, seconds: float = LOOKUP_SECONDS) -> List[str]:
+        return [item["id"] for item in self.models([category] if category else (), seconds=seconds)]
+
+    def categories(self, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> Dict[str, List[str]]:
+        """Each running model's categories, asked one category at a time (GPUStack's items don't carry them)."""
+        deadline = time.monotonic() + seconds
+        found: Dict[str, List[str]] = {}
+        for category in MODEL_CATEGORIES:
+            for item in self.models([category], seconds=deadline - time.monotonic(), fresh=fresh):
+                found.setdefault(item["id"], []).append(category)
+        return found
+
+    def meta(self, model: str, seconds: float = LOOKUP_SECONDS) -> Dict[str, Any]:
+        """A running model's ``meta`` (context window, voices, ...); empty when GPUStack gives none."""
+        for item in self.models(with_meta=True, seconds=seconds):
+            if item["id"] == model:
+                return item["meta"] if isinstance(item.get("meta"), dict) else {}
+        return {}
+
+    def voices(self, model: str, seconds: float = LOOKUP_SECONDS) -> List[str]:
+        return [str(voice) for voice in self.meta(model, seconds).get("voices") or ()]
+
+    # -- what a lookup adds to a failed call ---------------------------------------
+
+    def explain(self, error: ModelProviderError, settings: _Settings) -> None:
+        """Put into ``error``'s words what the server can tell about it, when it can: the running models
+        whose names are near one it doesn't know, the category of a model asked for another task, or what
+        the instances of a model that isn't running are doing."""
+        failure: Optional[_Failure] = getattr(error, "failure", None)
+        if failure is None or failure.topic is None or not settings.model_id:
+            return
+        model = settings.model_id
+        try:
+            if failure.topic == UNKNOWN_MODEL:
+                found = self._nearest(model, settings.model_name)
+            elif failure.topic == NOT_RUNNING:
+                found = self._readiness(model)
+            else:
+                found = self._category_note(model, settings.model_name, time.monotonic() + LOOKUP_SECONDS)
+        except Exception:  # noqa: BLE001  # the lookup is a courtesy; the original error is what matters
+            return
+        if found:
+            error.message = _redact(failure.message(found), settings.api_key)
+
+    def _nearest(self, model: str, wanted: Optional[str]) -> str:
+        """``Model 'qwen-3' not found ... Running models like it: qwen3.``, or the category the name is under."""
+        deadline = time.monotonic() + LOOKUP_SECONDS
+        running = self.running(seconds=LOOKUP_SECONDS)
+        if model in running:
+            return self._category_note(model, wanted, deadline)
+        by_lower = {name.lower(): name for name in running}
+        close = difflib.get_close_matches(model.lower(), list(by_lower), n=3, cutoff=0.6)
+        if not close:
+            return ""
+        return (f"Model {model!r} not found on GPUStack at {self.settings.root}. "
+                f"Running models like it: {', '.join(by_lower[name] for name in close)}.")
+
+    def _category_note(self, model: str, wanted: Optional[str], deadline: float) -> str:
+        """``GPUStack lists 'bge-m3' as a model of category embedding: use GPUStackEmbeddings.``"""
+        for category in MODEL_CATEGORIES:
+            if time.monotonic() >= deadline:
+                return ""
+            if model in self.running(category, deadline - time.monotonic()):
+                use = _CLASS_FOR.get(category)
+                if use is None:
+                    return f"GPUStack lists {model!r} as a model of category {category}, which {wanted} can't use."
+                return f"GPUStack lists {model!r} as a model of category {category}: use {use}." if use != wanted else ""
+        return ""
+
+    def _readiness(self, model: str) -> str:
+        """What GPUStack's management API says about a model without a running instance, as far as this key may see."""
+        deadline = time.monotonic() + LOOKUP_SECONDS
+        query = urllib.parse.quote(model)
+        unknown = f"{model} exists but has no running instance."
+        try:
+            items = self.ask(f"/v2/models?search={query}", "items", deadline - time.monotonic(), fresh=True)
+        except ModelProviderError as error:
+            if error.status_code != 403:
+                return ""
+            # Not an admin: /v2/my-models can't tell a stopped model from one still deploying.
+            try:
+                mine = self.ask(f"/v2/my-models?search={query}", "items", deadline - time.monotonic(), fresh=True)
+            except ModelProviderError:
+                return unknown
+            return unknown if any(isinstance(item, dict) and item.get("name") == model for item in mine) else ""
+        found = next((item for item in items if isinstance(item, dict) and item.get("name") == model), None)
+        if found is None:
+            return ""
+        replicas, ready = found.get("replicas"), found.get("ready_replicas") or 0
+        if replicas == 0:
+            return f"{model} is stopped (0 replicas): start it in GPUStack."
+        if not isinstance(replicas, int) or time.monotonic() >= deadline:
+            return unknown
+        try:
+            instances = self.ask(f"/v2/models/{found.get('id')}/instances", "items", deadline - time.monotonic(), fresh=True)
+        except ModelProviderError:
+            instances = []
+        doing = [_instance_state(item) for item in instances if isinstance(item, dict) and item.get("state") != "running"]
+        return f"{model} exists but {ready} of {replicas} instances are ready" + (f": {'; '.join(doing)}." if doing else ".")
+
+
+def _instance_state(instance: Dict[str, Any]) -> str:
+    """One instance as the server describes it (states can get stuck: this is a report, not a promise)."""
+    name, state, message = instance.get("name") or "an instance", instance.get("state"), instance.get("state_message")
+    progress = instance.get("download_progress")
+    if state == "downloading" and isinstance(progress, (int, float)):
+        return f"{name} is downloading ({progress:g}%)"
+    if state == "error":
+        return f"{name} is in state error: {message or 'no message'}"
+    return f"{name} is {state}" + (f": {message}" if message else "")
+
+
+_DEPLOYMENTS: Dict[Tuple[Any, ...], _Deployment] = {}
+_DEPLOYMENTS_LOCK = threading.Lock()
+
+
+def _deployment(settings: _Settings) -> _Deployment:
+    """The one ``_Deployment`` of a server and key, shared by every model, list_models, diagnose and the CLI."""
+    key = (settings.root, settings.api_key, settings.verify, settings.headers)
+    found = _DEPLOYMENTS.get(key)
+    if found is None:
+        with _DEPLOYMENTS_LOCK:
+            found = _DEPLOYMENTS.setdefault(key, _Deployment(settings))
+    return found
+
+
+class _Client(_Transport):
+    """A model's transport: a failure, once its retries are spent, comes back with what the deployment can
+    tell about it. Lookups go through the plain ``_Transport``, so they are never explained themselves."""
+
+    __slots__ = ()
+
+    def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False,
+             form: Optional[Tuple[bytes, str]] = None) -> _Reply:
+        try:
+            return super().open(method, path, body, stream, form)
+        except ModelProviderError as error:
+            _deployment(self.settings).explain(error, self.settings)
+            raise
+
+
+def _client_of(owner: Any, model_name: str) -> _Client:
+    """A model's client, validated and built once; built again only if a client option was changed since."""
+    headers = owner.headers
+    key = tuple(getattr(owner, name) for name in CLIENT_OPTIONS if name != "headers") + (
+        tuple(headers.items()) if headers else None, owner.id)
+    cached = owner._client_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    client = _Client(owner._client_settings(model_name, owner.id))
+    owner._client_cache = (key, client)
+    return client
 
 
 # The chat model ##############################################################
@@ -1758,7 +1983,7 @@ def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @dataclass
-class GPUStackChat(Model):
+class GPUStackChat(_ClientOptions, Model):
     """A chat model served by GPUStack, for Agno agents.
 
         from agno.agent import Agent
@@ -1788,32 +2013,22 @@ class GPUStackChat(Model):
     enable_thinking: Optional[bool] = None  # Qwen3-style chat_template_kwargs.enable_thinking
     strict_output: bool = True
     request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. vLLM's top_k)
-
-    # Client parameters
-    base_url: Optional[str] = None
-    api_key: Optional[str] = field(default=None, repr=False)
-    timeout: float = DEFAULT_TIMEOUT  # seconds to wait for data
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds to open a connection
-    max_retries: int = DEFAULT_MAX_RETRIES
-    verify: Union[bool, str] = True
-    headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # may carry credentials too
+    # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.base_url = _server_root(self.base_url)
-        if self.api_key is None:
-            self.api_key = os.getenv(API_KEY_ENV) or None
-        self._client_cache: Optional[Tuple[Any, _Transport]] = None
+        self._resolve_client_options()
+        self._client_cache: Optional[Tuple[Any, _Client]] = None
         self._transport()  # every setting is checked now, not at the first call
 
     # -- transport --------------------------------------------------------------
 
-    def _transport(self) -> _Transport:
+    def _transport(self) -> _Client:
         return _client_of(self, self.name)
 
     def close(self) -> None:
-        """Close idle connections to the server: ``model.close()``."""
-        close_connections()
+        """Close the idle connections to this model's server, no other: ``model.close()``."""
+        close_connections(self.base_url)
 
     def to_dict(self) -> Dict[str, Any]:
         """The model's settings without secrets: ``model.to_dict()``."""
@@ -2296,7 +2511,7 @@ def _vector(raw: Any) -> List[float]:
 
 
 @dataclass
-class GPUStackEmbeddings(Embedder):
+class GPUStackEmbeddings(_ClientOptions, Embedder):
     """Embeddings from a GPUStack model, also an Agno ``Embedder`` for knowledge bases.
 
         embeddings = GPUStackEmbeddings(id="bge-m3")
@@ -2313,24 +2528,15 @@ class GPUStackEmbeddings(Embedder):
     user: Optional[str] = None
     request_params: Optional[Dict[str, Any]] = None
     batch_concurrency: int = EMBED_BATCH_CONCURRENCY
-
-    base_url: Optional[str] = None
-    api_key: Optional[str] = field(default=None, repr=False)
-    timeout: float = DEFAULT_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    verify: Union[bool, str] = True
-    headers: Optional[Dict[str, str]] = field(default=None, repr=False)
+    # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
 
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("GPUStackEmbeddings needs the model name on GPUStack: GPUStackEmbeddings(id='bge-m3')")
         if self.encoding_format not in ("float", "base64"):
             raise ValueError(f"encoding_format must be 'float' or 'base64', got {self.encoding_format!r}")
-        self.base_url = _server_root(self.base_url)
-        if self.api_key is None:
-            self.api_key = os.getenv(API_KEY_ENV) or None
-        self._client_cache: Optional[Tuple[Any, _Transport]] = None
+        self._resolve_client_options()
+        self._client_cache: Optional[Tuple[Any, _Client]] = None
         self._transport()
 
     def _set_dimensions(self, value: Optional[int]) -> None:
@@ -2360,7 +2566,7 @@ class GPUStackEmbeddings(Embedder):
             raise
         return len(self.parse_embeddings_response(answer)[0])
 
-    def _transport(self) -> _Transport:
+    def _transport(self) -> _Client:
         return _client_of(self, "GPUStackEmbeddings")
 
     def _body(self, texts: List[str]) -> Dict[str, Any]:
@@ -2565,34 +2771,21 @@ class GPUStackRerank(Reranker):
     top_n: Optional[int] = None
     return_documents: bool = True
     request_params: Optional[Dict[str, Any]] = None
-
-    base_url: Optional[str] = None
-    timeout: float = DEFAULT_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    verify: Union[bool, str] = True
-    # Agno's Reranker is a pydantic model: the key and headers are private attributes, so they
-    # stay out of repr() and model_dump().
-    _api_key: Optional[str] = None
-    _headers: Optional[Dict[str, str]] = None
+    # Agno's Reranker is a pydantic model: the client options (_ClientOptions) live in a private
+    # attribute, so the key and headers stay out of repr() and model_dump(); each is read as a property.
+    _client: Any = None
     _client_cache: Optional[Tuple[Any, Any]] = None
 
-    def __init__(self, *, api_key: Optional[str] = None, headers: Optional[Dict[str, str]] = None, **fields: Any) -> None:
+    def __init__(self, **fields: Any) -> None:
+        client = _client_options(fields)
         super().__init__(**fields)
-        self.base_url = _server_root(self.base_url)
-        self._api_key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)
-        self._headers = headers
+        self._client = client
         self._transport()  # every setting is checked now, not at the first call
 
-    @property
-    def api_key(self) -> Optional[str]:
-        return self._api_key
+    def _client_settings(self, model_name: str, model_id: Optional[str] = None) -> _Settings:
+        return self._client._client_settings(model_name, model_id)
 
-    @property
-    def headers(self) -> Optional[Dict[str, str]]:
-        return self._headers
-
-    def _transport(self) -> _Transport:
+    def _transport(self) -> _Client:
         return _client_of(self, "GPUStackRerank")
 
     def _results(self, query: str, texts: List[str], top_n: Optional[int]) -> List[Dict[str, Any]]:
@@ -2666,6 +2859,15 @@ class GPUStackRerank(Reranker):
         return await _in_thread(self.rerank, query, documents, limit, top_n)
 
 
+def _client_option(name: str) -> property:
+    return property(lambda self: getattr(self._client, name), doc=f"The client option {name}, as given or settled at construction.")
+
+
+for _name in CLIENT_OPTIONS:
+    setattr(GPUStackRerank, _name, _client_option(_name))
+del _name
+
+
 # Tools: images, speech, transcription #########################################
 # GPUStack's image, text-to-speech and speech-to-text models as Agno tools. Same transport,
 # retries, error mapping and key handling as the models above.
@@ -2729,13 +2931,6 @@ class GPUStackTools(Toolkit):
         speech_model: Optional[str] = None,
         transcription_model: Optional[str] = None,
         *,
-        base_url: Optional[str] = None,
-        api_key: Optional[str] = None,
-        timeout: float = DEFAULT_MEDIA_TIMEOUT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        verify: Union[bool, str] = True,
-        headers: Optional[Dict[str, str]] = None,
         image_size: str = "1024x1024",
         speech_format: str = "mp3",
         enable_generate_image: bool = True,
@@ -2746,14 +2941,12 @@ class GPUStackTools(Toolkit):
     ) -> None:
         if speech_format not in _AUDIO_TYPES:
             raise ValueError(f"speech_format must be one of {', '.join(_AUDIO_TYPES)}, got {speech_format!r}")
-        self.base_url = _server_root(base_url)
-        key = api_key if api_key is not None else (os.getenv(API_KEY_ENV) or None)  # kept only inside the settings
-        self._settings = _settings(self.base_url, key or "", timeout, max_retries, verify, headers,
-                                   model_name="GPUStackTools", connect_timeout=connect_timeout)
+        client = _client_options(kwargs, timeout=DEFAULT_MEDIA_TIMEOUT)  # the key is kept only inside the settings
+        self.base_url = client.base_url
+        self._settings = client._client_settings("GPUStackTools")
         self.models: Dict[str, Optional[str]] = {"image": image_model, "text_to_speech": speech_model,
                                                  "speech_to_text": transcription_model}
         self.image_size, self.speech_format = image_size, speech_format
-        self._voices: Dict[str, List[str]] = {}  # by speech model: its voices, asked once
         chosen: List[Tuple[bool, Callable[..., Any], Callable[..., Any], str]] = [
                   (enable_generate_image, self.generate_image, self.agenerate_image, "generate_image"),
                   (enable_edit_image, self.edit_image, self.aedit_image, "edit_image"),
@@ -2765,15 +2958,15 @@ class GPUStackTools(Toolkit):
     def __repr__(self) -> str:
         return f"GPUStackTools(base_url={self.base_url!r}, models={self.models!r})"
 
-    def _transport(self, category: str) -> _Transport:
-        return _Transport(dataclasses.replace(self._settings, model_id=self._model(category)))
+    def _transport(self, category: str) -> _Client:
+        return _Client(dataclasses.replace(self._settings, model_id=self._model(category)))
 
     def _model(self, category: str) -> str:
         """The model for a category: the one set, or the only running model of that category."""
         chosen = self.models[category]
         if chosen:
             return chosen
-        running = _running_ids(self._settings, time.monotonic() + min(self._settings.timeout, 30.0), category)
+        running = _deployment(self._settings).running(category, min(self._settings.timeout, 30.0))
         if len(running) != 1:
             setting = {"image": "image_model", "text_to_speech": "speech_model", "speech_to_text": "transcription_model"}
             found = f"running: {', '.join(running)}" if running else "none is running"
@@ -2817,24 +3010,20 @@ class GPUStackTools(Toolkit):
             return images
 
     def voices(self) -> List[str]:
-        """The speech model's voices, as GPUStack lists them in its ``meta`` (empty when it doesn't); asked once
-        per model, not before every speech request."""
+        """The speech model's voices, as GPUStack lists them in its ``meta`` (empty when it lists none):
+        ``tools.voices()``. Learned with the deployment's other facts, not before every speech request."""
         settings = self._transport("text_to_speech").settings
-        model = str(settings.model_id)
-        if model not in self._voices:
-            answer = _lookup(settings, time.monotonic() + settings.connect_timeout + 5).call(
-                "GET", "models?categories=text_to_speech&with_meta=true", expect="data")
-            listed = [item for item in answer["data"] if isinstance(item, dict) and item.get("id") == model]
-            meta = listed[0].get("meta") if listed else None
-            self._voices[model] = [str(voice) for voice in (meta.get("voices") or [])] if isinstance(meta, dict) else []
-        return self._voices[model]
+        return _deployment(settings).voices(str(settings.model_id), settings.connect_timeout + LOOKUP_SECONDS)
 
     def speech(self, text: str, voice: Optional[str] = None, response_format: Optional[str] = None) -> Audio:
         """Speak ``text``: ``GPUStackTools(speech_model="cosyvoice").speech("Hello").content`` (mp3 bytes)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("generate_speech needs some text to speak")
         transport = self._transport("text_to_speech")
-        known = self.voices()
+        try:
+            known = self.voices()
+        except ModelProviderError:
+            known = []  # the lookup is advisory: the server judges the voice
         if voice is not None and known and voice not in known:
             raise ValueError(f"Unknown voice {voice!r} for {transport.settings.model_id}; its voices: {', '.join(known)}")
         chosen_format = response_format or self.speech_format
@@ -2973,9 +3162,6 @@ _MODEL_TYPES: Dict[str, Any] = {
     "reranker": GPUStackRerank,
 }
 
-MODEL_CATEGORIES = ("llm", "embedding", "image", "reranker", "speech_to_text", "text_to_speech", "unknown")
-
-
 def GPUStack(model_type: str = "chat", **kwargs: Any) -> Union[GPUStackChat, GPUStackEmbeddings, GPUStackRerank]:
     """The GPUStack class for a kind of model: ``GPUStack(model_type="embeddings", id="bge-m3")``.
 
@@ -2991,167 +3177,40 @@ def list_models(
     base_url: Optional[str] = None,
     api_key: Optional[str] = None,
     categories: Optional[Sequence[str]] = None,
-    timeout: Optional[float] = None,
-    verify: Union[bool, str] = True,
+    *,
+    with_meta: bool = False,
+    **client: Any,
 ) -> List[Dict[str, Any]]:
     """The models with a running instance, with their categories: ``list_models(categories=["embedding"])``.
 
-    Each item is GPUStack's own (``id``, ``owned_by``, ``meta``, ...) plus ``categories``,
-    learned by asking the server once per category (its items don't say).
+    Each item is GPUStack's own (``id``, ``owned_by``, ``meta``, ...) plus ``categories``, learned by
+    asking the server once per category (its items don't say). ``with_meta=True`` fills ``meta``
+    (context window, voices, ...), which GPUStack leaves null otherwise. Takes the models' client
+    options (``timeout``, ``verify``, ``headers``, ...); asks afresh, never retries.
     """
     if isinstance(categories, str):
         categories = [categories]
     for category in categories or ():
         if category not in MODEL_CATEGORIES:
             raise ValueError(f"Unknown category {category!r}; use one of: {', '.join(MODEL_CATEGORIES)}")
-    transport = _Transport(_settings(base_url, api_key, timeout, None, verify, None, model_name="list_models"))
-
-    def ids(query: Sequence[str]) -> List[Dict[str, Any]]:
-        path = "models" + ("?" + urllib.parse.urlencode([("categories", c) for c in query]) if query else "")
-        answer = transport.call("GET", path, expect="data")
-        return [item for item in answer["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)]
-
-    models = ids(list(categories or ()))
-    found: Dict[str, List[str]] = {model["id"]: [] for model in models}
-    for category in MODEL_CATEGORIES:
-        for item in ids([category]):
-            if item["id"] in found:
-                found[item["id"]].append(category)
-    return [{**model, "categories": found[model["id"]]} for model in models]
+    settings = _client_options({"base_url": base_url, "api_key": api_key, **client})._client_settings("list_models")
+    deployment = _deployment(settings)
+    models = deployment.models(list(categories or ()), with_meta, settings.timeout, fresh=True)
+    found = deployment.categories(settings.timeout, fresh=True)
+    return [{**model, "categories": found.get(model["id"], [])} for model in models]
 
 
 async def alist_models(
     base_url: Optional[str] = None,
     api_key: Optional[str] = None,
     categories: Optional[Sequence[str]] = None,
-    timeout: Optional[float] = None,
-    verify: Union[bool, str] = True,
+    **options: Any,
 ) -> List[Dict[str, Any]]:
     """``await alist_models()``: list_models() without blocking the event loop."""
-    return await _in_thread(list_models, base_url, api_key, categories, timeout, verify)
+    return await _in_thread(list_models, base_url, api_key, categories, **options)
 
 
 # Diagnosis ###################################################################
-# What a look at the server can add to an error that already happened. Never on a call that
-# succeeds, bounded in time, and never in the way: a lookup that fails leaves the error as it was.
-
-DIAGNOSIS_SECONDS = 2.0  # what looking into a failed call may add to it, at most
-_LOOKUP = "GPUStack lookup"  # the model_name of lookup transports, so a lookup's own error is not looked into
-_CLASS_FOR = {"llm": "GPUStackChat", "embedding": "GPUStackEmbeddings", "reranker": "GPUStackRerank"}
-
-
-def _explained(error: ModelProviderError, settings: _Settings, path: str) -> ModelProviderError:
-    """``error`` with what the server can tell about it: the running models whose names are near a
-    name it doesn't know, or what the instances of a model that isn't running are doing."""
-    if settings.model_name == _LOOKUP or not settings.model_id:
-        return error
-    generic = ""
-    try:
-        if error.status_code == 404 and "model not found" in error.message.lower():
-            generic, found = _check_model_name(settings.model_id), _nearest_models(settings)
-        elif error.status_code == 503 and _NOT_RUNNING_HINT in error.message:
-            generic, found = _NOT_RUNNING_HINT, _readiness(settings)
-        elif _OTHER_TASK_HINT in error.message:
-            generic, found = _OTHER_TASK_HINT, _other_task(settings)
-        else:
-            return error
-    except Exception:  # noqa: BLE001  # the lookup is a courtesy; the original error is what matters
-        return error
-    if found:
-        error.message = error.message.replace(generic, found)
-    return error
-
-
-def _lookup(settings: _Settings, deadline: float) -> _Transport:
-    seconds = max(0.1, deadline - time.monotonic())
-    return _Transport(dataclasses.replace(settings, timeout=seconds, connect_timeout=min(seconds, settings.connect_timeout),
-                                          max_retries=0, model_name=_LOOKUP))
-
-
-def _running_ids(settings: _Settings, deadline: float, category: Optional[str] = None) -> List[str]:
-    path = "models" + (f"?categories={category}" if category else "")
-    answer = _lookup(settings, deadline).call("GET", path, expect="data")
-    return [item["id"] for item in answer["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)]
-
-
-def _nearest_models(settings: _Settings) -> str:
-    """``Model 'qwen-3' not found ... Running models like it: qwen3.``, or the category the name is under."""
-    deadline = time.monotonic() + DIAGNOSIS_SECONDS
-    name = str(settings.model_id)
-    running = _running_ids(settings, deadline)
-    if name in running:
-        return _category_note(settings, deadline)
-    by_lower = {model.lower(): model for model in running}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return (f"Model {name!r} not found on GPUStack at {settings.root}. "
-            f"Running models like it: {', '.join(by_lower[model] for model in close)}.")
-
-
-def _other_task(settings: _Settings) -> str:
-    """For a model deployed for another task: the category GPUStack lists it under, when it lists it."""
-    return _category_note(settings, time.monotonic() + DIAGNOSIS_SECONDS)
-
-
-def _category_note(settings: _Settings, deadline: float) -> str:
-    """``GPUStack lists 'bge-m3' as a model of category embedding: use GPUStackEmbeddings.``, asking one category at a time
-    (its /v1/models items don't carry their categories)."""
-    name = str(settings.model_id)
-    for category in MODEL_CATEGORIES:
-        if time.monotonic() >= deadline:
-            return ""
-        if name in _running_ids(settings, deadline, category):
-            wanted = _CLASS_FOR.get(category)
-            if wanted is None:
-                return f"GPUStack lists {name!r} as a model of category {category}, which {settings.model_name} can't use."
-            return f"GPUStack lists {name!r} as a model of category {category}: use {wanted}." if wanted != settings.model_name else ""
-    return ""
-
-
-def _readiness(settings: _Settings) -> str:
-    """What GPUStack's management API says about a model without a running instance, as far as this key may see."""
-    deadline = time.monotonic() + DIAGNOSIS_SECONDS
-    name = str(settings.model_id)
-    query = urllib.parse.quote(name)
-    unknown = f"{name} exists but has no running instance."
-    try:
-        items = _lookup(settings, deadline).call("GET", f"/v2/models?search={query}", expect="items")["items"]
-    except ModelProviderError as error:
-        if error.status_code != 403:
-            return ""
-        # Not an admin: /v2/my-models can't tell a stopped model from one still deploying.
-        try:
-            mine = _lookup(settings, deadline).call("GET", f"/v2/my-models?search={query}", expect="items")["items"]
-        except ModelProviderError:
-            return unknown
-        return unknown if any(isinstance(item, dict) and item.get("name") == name for item in mine) else ""
-    model = next((item for item in items if isinstance(item, dict) and item.get("name") == name), None)
-    if model is None:
-        return ""
-    replicas, ready = model.get("replicas"), model.get("ready_replicas") or 0
-    if replicas == 0:
-        return f"{name} is stopped (0 replicas): start it in GPUStack."
-    if not isinstance(replicas, int) or time.monotonic() >= deadline:
-        return unknown
-    try:
-        instances = _lookup(settings, deadline).call("GET", f"/v2/models/{model.get('id')}/instances", expect="items")["items"]
-    except ModelProviderError:
-        instances = []
-    doing = [_instance_state(item) for item in instances if isinstance(item, dict) and item.get("state") != "running"]
-    return f"{name} exists but {ready} of {replicas} instances are ready" + (f": {'; '.join(doing)}." if doing else ".")
-
-
-def _instance_state(instance: Dict[str, Any]) -> str:
-    """One instance as the server describes it (states can get stuck: this is a report, not a promise)."""
-    name, state, message = instance.get("name") or "an instance", instance.get("state"), instance.get("state_message")
-    progress = instance.get("download_progress")
-    if state == "downloading" and isinstance(progress, (int, float)):
-        return f"{name} is downloading ({progress:g}%)"
-    if state == "error":
-        return f"{name} is in state error: {message or 'no message'}"
-    return f"{name} is {state}" + (f": {message}" if message else "")
-
 
 # `doctor`: is this GPUStack ready for Agno agents? ----------------------------------
 
@@ -3177,7 +3236,7 @@ class _Report:
             ok, detail, fix = probe()
         except ModelProviderError as error:
             ok, detail, fix = False, error.message, ""
-            self.no_answer = getattr(error, "no_answer", False)
+            self.no_answer = _no_answer(error)
             if self.no_answer and "certificate" in error.message:
                 fix = "use --ca-bundle FILE for a private CA, or --insecure for a self-signed certificate"
         except (ValueError, TypeError, EmbeddingError) as error:
@@ -3194,13 +3253,17 @@ def diagnose(
     all_models: bool = False,
     timeout: float = DOCTOR_TIMEOUT,
     verify: Union[bool, str] = True,
+    **client: Any,
 ) -> Dict[str, Any]:
     """Check a GPUStack server and its models for Agno agents: ``diagnose(models=["qwen3"])["ok"]``.
 
     Returns ``{"server", "version", "reachable", "ok", "checks": [{"check", "model", "ok", "detail", "fix",
-    "seconds"}, ...]}``. Tiny requests only (a few tokens), each bounded by ``timeout``.
+    "seconds"}, ...]}``. Tiny requests only (a few tokens), each bounded by ``timeout``, not retried
+    unless ``max_retries`` says so; takes the models' other client options (``headers``, ...) too.
     """
-    settings = _settings(base_url, api_key, timeout, 0, verify, None, model_name=_LOOKUP)
+    client.setdefault("max_retries", 0)
+    options = _client_options({"base_url": base_url, "api_key": api_key, "timeout": timeout, "verify": verify, **client})
+    settings = options._client_settings("diagnose")
     transport = _Transport(settings)
     report = _Report()
     found: Dict[str, Any] = {"server": settings.root, "version": None, "reachable": True}
@@ -3221,18 +3284,19 @@ def diagnose(
     running: List[Dict[str, Any]] = []
 
     def catalog() -> Tuple[bool, str, str]:
-        running.extend(list_models(settings.root, settings.api_key or "", timeout=timeout, verify=verify))
+        running.extend(list_models(with_meta=True, **model_client))
         if not running:
             return True, "no running models", "deploy a model in GPUStack, or wait for one to start"
         return True, "; ".join(_model_line(item) for item in running), ""
 
+    model_client = {name: getattr(options, name) for name in CLIENT_OPTIONS}
+    model_client["api_key"] = options.api_key or ""
     if key_ok:
         report.run("running models", catalog)
     categories = {item["id"]: item.get("categories") or [] for item in running}
     wanted = list(models or ()) + ([item["id"] for item in running if item["id"] not in (models or ())] if all_models else [])
-    client = {"base_url": settings.root, "api_key": settings.api_key or "", "timeout": timeout, "verify": verify, "max_retries": 0}
     for name in wanted:
-        _check_model(report, name, categories.get(name, []), client)
+        _check_model(report, name, categories.get(name, []), model_client)
     found.update(ok=all(check["ok"] for check in report.checks), checks=report.checks)
     return found
 
@@ -3345,7 +3409,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default=argparse.SUPPRESS, help=f"GPUStack URL (default: ${SERVER_URL_ENV} or {DEFAULT_SERVER_URL})")
     common.add_argument("--api-key-file", default=argparse.SUPPRESS, metavar="FILE", help=f"file holding the API key (default: ${API_KEY_ENV})")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the server (default 600)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the server (default: 600; doctor 30; image, speak, transcribe 900)")
     common.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS, help="accept any TLS certificate")
     common.add_argument("--ca-bundle", default=argparse.SUPPRESS, metavar="FILE", help="CA bundle for a private certificate authority")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
@@ -3419,7 +3483,7 @@ def _stdin_or(values: List[str]) -> List[str]:
     return values
 
 
-def _client_options(args: argparse.Namespace) -> Dict[str, Any]:
+def _cli_options(args: argparse.Namespace) -> Dict[str, Any]:
     options: Dict[str, Any] = {"base_url": getattr(args, "server", None)}
     key_file = getattr(args, "api_key_file", None)
     if key_file:
@@ -3438,7 +3502,7 @@ def _client_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, out: Any) -> Optional[int]:
-    options = _client_options(args)
+    options = _cli_options(args)
     as_json = getattr(args, "json", False)
     if args.command == "doctor":
         report = diagnose(options.get("base_url"), options.get("api_key"), args.model, args.all,
@@ -3453,7 +3517,7 @@ def _run(args: argparse.Namespace, out: Any) -> Optional[int]:
         _run_media(args, options, out)
         return None
     if args.command == "models":
-        models = list_models(categories=args.category, **{k: v for k, v in options.items() if k != "max_retries"})
+        models = list_models(categories=args.category, with_meta=as_json, **options)
         if as_json:
             out.write(json.dumps(models) + "\n")
         for item in [] if as_json else models:
@@ -3571,8 +3635,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except ModelProviderError as error:
         sys.stderr.write(f"gpustack: error: {error.message}\n")
-        return EXIT_CONNECTION if getattr(error, "no_answer", False) else EXIT_SERVER
-    except (ValueError, TypeError) as error:
+        return EXIT_CONNECTION if _no_answer(error) else EXIT_SERVER
+    except ValueError as error:
         sys.stderr.write(f"gpustack: usage error: {error}\n")
         return EXIT_USAGE
     except BrokenPipeError:
