@@ -17,10 +17,11 @@ import base64
 import collections
 import concurrent.futures
 import contextvars
-import difflib
 import dataclasses
+import difflib
 import email.parser
 import email.utils
+import functools
 import http.client
 import json
 import math
@@ -46,6 +47,7 @@ from typing import (
     AsyncGenerator,
     AsyncIterator,
     Callable,
+    ClassVar,
     Dict,
     Generator,
     Iterable,
@@ -1966,11 +1968,22 @@ def _usage_metrics(usage: Dict[str, Any]) -> MessageMetrics:
         metrics.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
         metrics.audio_output_tokens = int(completion_details.get("audio_tokens") or 0)
     metrics.audio_total_tokens = metrics.audio_input_tokens + metrics.audio_output_tokens
-    known = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
-    extra = {key: value for key, value in usage.items() if key not in known}
-    if extra:  # GPUStack adds time_to_first_token_ms, tokens_per_second, ...
+    extra = {key: value for key, value in usage.items() if _adds_up(key, value)}
+    if extra:  # GPUStack adds time_to_first_token_ms, ...
         metrics.provider_metrics = extra
     return metrics
+
+
+_KNOWN_USAGE = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
+_RATE_WORDS = ("per_second", "_per_", "rate", "ratio", "throughput")
+
+
+def _adds_up(key: str, value: Any) -> bool:
+    """Whether a usage field may go into Agno's ``provider_metrics``, which Agno sums across calls: a count or
+    a duration does; a rate (``tokens_per_second``, ``time_per_output_token_ms``) summed would be wrong."""
+    if key in _KNOWN_USAGE or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not any(word in key for word in _RATE_WORDS)
 
 
 def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
@@ -2490,6 +2503,12 @@ def _check_texts(texts: Any) -> List[str]:
     return list(texts)
 
 
+def _checked_dimensions(value: Any) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
+    return value
+
+
 def _vector(raw: Any) -> List[float]:
     """One embedding: a list of numbers, or base64 of little-endian float32."""
     if isinstance(raw, str):
@@ -2518,12 +2537,15 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         vectors = embeddings.parse_embeddings_response(embeddings.embed(["a", "b"]))
         PgVector(table_name="docs", db_url=..., embedder=embeddings)
 
-    ``dimensions`` is sent to the server when set (Matryoshka models honour it); when not
-    set, it is learned from the server with one probe embedding the first time it is read.
+    ``dimensions=N`` is sent to the server (Matryoshka models honour it) and kept as
+    ``requested_dimensions``; when not set, reading ``dimensions`` learns the size with one probe
+    embedding, once. ``dimensions`` is not a dataclass field, so ``dataclasses.asdict``, ``replace``,
+    ``==``, ``repr`` and ``copy.deepcopy`` never touch the network.
     """
 
     id: str = ""
-    dimensions: Optional[int] = field(default=None, repr=False)
+    dimensions: ClassVar[Any]  # type: ignore[misc]  # a property (below), not the field Embedder declares: reading it may probe
+    requested_dimensions: Optional[int] = field(default=None, repr=False)  # what dimensions=N asked for
     encoding_format: str = "float"  # or "base64"
     user: Optional[str] = None
     request_params: Optional[Dict[str, Any]] = None
@@ -2535,32 +2557,33 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
             raise ValueError("GPUStackEmbeddings needs the model name on GPUStack: GPUStackEmbeddings(id='bge-m3')")
         if self.encoding_format not in ("float", "base64"):
             raise ValueError(f"encoding_format must be 'float' or 'base64', got {self.encoding_format!r}")
+        self.requested_dimensions = _checked_dimensions(self.requested_dimensions)
         self._resolve_client_options()
         self._client_cache: Optional[Tuple[Any, _Client]] = None
+        self._learned_dimensions: Optional[int] = None
         self._transport()
 
-    def _set_dimensions(self, value: Optional[int]) -> None:
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
-        self._dimensions: Optional[int] = value
-        self._learned = False
+    @property  # type: ignore[no-redef]
+    def dimensions(self) -> int:
+        """The vectors' size: ``dimensions=N`` as given, else learned from the server with one probe, once."""
+        if self.requested_dimensions is not None:
+            return self.requested_dimensions
+        if self._learned_dimensions is None:
+            self._learned_dimensions = self._probe_dimensions()
+        return self._learned_dimensions
 
-    def _get_dimensions(self) -> Optional[int]:
-        if self._dimensions is None:
-            self._dimensions = self._probe_dimensions()
-            self._learned = True
-        return self._dimensions
+    @dimensions.setter
+    def dimensions(self, value: Optional[int]) -> None:
+        self.requested_dimensions = _checked_dimensions(value)
 
     def _probe_dimensions(self) -> int:
         """Vector databases size their tables from ``dimensions``, often as they are constructed: learn it with
-        one short embedding, within the connect timeout and without retries, so a server that isn't there
-        costs seconds, not minutes."""
-        limit = self.connect_timeout
+        one short embedding, with the model's timeouts and without retries."""
         try:
-            answer = self._embed(["dimension probe"], self._transport().with_timeouts(limit, limit, max_retries=0))
+            answer = self._embed(["dimension probe"], self._transport().with_timeouts(None, max_retries=0))
         except ModelProviderError as error:
             error.message = (
-                f"Cannot learn the embedding size of {self.id!r} from GPUStack within {limit:g}s: {error.message} "
+                f"Cannot learn the embedding size of {self.id!r} from GPUStack: {error.message} "
                 f"Set dimensions=N on GPUStackEmbeddings to skip this probe."
             )
             raise
@@ -2573,8 +2596,8 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         body: Dict[str, Any] = {"model": self.id, "input": texts[0] if len(texts) == 1 else texts}
         if self.encoding_format != "float":
             body["encoding_format"] = self.encoding_format
-        if self._dimensions is not None and not self._learned:
-            body["dimensions"] = self._dimensions
+        if self.requested_dimensions is not None:
+            body["dimensions"] = self.requested_dimensions
         if self.user is not None:
             body["user"] = self.user
         body.update(self.request_params or {})
@@ -2596,9 +2619,10 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         vectors = self.parse_embeddings_response(answer)
         if len(vectors) != len(texts):
             raise transport.malformed(f"{len(vectors)} embeddings for {len(texts)} texts", answer)
-        if self._dimensions is not None and not self._learned and vectors and len(vectors[0]) != self._dimensions:
+        wanted = self.requested_dimensions
+        if wanted is not None and vectors and len(vectors[0]) != wanted:
             raise _provider_error(
-                f"GPUStack returned {len(vectors[0])}-dimensional vectors but dimensions={self._dimensions}; "
+                f"GPUStack returned {len(vectors[0])}-dimensional vectors but dimensions={wanted}; "
                 "the model may not support shortened embeddings: leave dimensions unset to use its own size",
                 502,
                 transport.settings,
@@ -2650,11 +2674,9 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         return await _in_thread(self._one, text, timeout)
 
     def _batch(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-        try:
-            answer = self.embed(texts)
-            vectors = pad_batch_embeddings(self.parse_embeddings_response(answer), texts, "GPUStack")
-        except ModelProviderError as error:
-            raise_embedding_error(error, model_id=self.id, provider="GPUStack")
+        """One batch in one request; its failure raised as the server's (ModelProviderError)."""
+        answer = self.embed(texts)
+        vectors = pad_batch_embeddings(self.parse_embeddings_response(answer), texts, "GPUStack")
         return vectors, [answer.get("usage")] * len(vectors)
 
     def _batches(self, texts: List[str]) -> List[List[str]]:
@@ -2665,22 +2687,32 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
     def get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
         """Embed many texts in ``batch_size`` requests, a few at once, in input order.
 
-        A batch that fails is retried text by text, so one bad chunk does not lose the others.
+        A batch that failed for what may be one of its texts (``_about_one_text``) is tried text by text,
+        so one bad chunk does not lose the others; any other failure is raised at once, and batches not
+        yet sent are not sent.
         """
         batches = self._batches(texts)
         with concurrent.futures.ThreadPoolExecutor(max(1, min(self.batch_concurrency, len(batches)))) as pool:
-            results = list(pool.map(self._batch_or_each, batches))
-        return _joined(results)
+            futures = [pool.submit(self._batch_or_each, batch) for batch in batches]
+            try:
+                return _joined([future.result() for future in futures])
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
 
     def _batch_or_each(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
         try:
             return self._batch(texts)
-        except EmbeddingError as error:
+        except ModelProviderError as error:
+            if not _about_one_text(error):
+                raise_embedding_error(error, model_id=self.id, provider="GPUStack")
             _warn_batch_failed(texts, error)
-            return _each(self, texts)
+        return _each(self, texts)
 
     async def async_get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-        """``await embedder.async_get_embeddings_batch_and_usage(texts)``: batches run concurrently, order kept."""
+        """``await embedder.async_get_embeddings_batch_and_usage(texts)``: batches run concurrently, order kept,
+        with the same rule as the sync path for a batch that fails."""
         batches = self._batches(texts)
         limit = asyncio.Semaphore(max(1, self.batch_concurrency))
 
@@ -2688,39 +2720,72 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
             async with limit:
                 try:
                     return await _in_thread(self._batch, batch)
-                except EmbeddingError as error:
+                except ModelProviderError as error:
+                    if not _about_one_text(error):
+                        raise_embedding_error(error, model_id=self.id, provider="GPUStack")
                     _warn_batch_failed(batch, error)
-                    return await aembed_texts_individually(self, batch)
+            return await aembed_texts_individually(self, batch)
 
-        return _joined(await asyncio.gather(*(one(batch) for batch in batches)))
+        tasks = [asyncio.ensure_future(one(batch)) for batch in batches]
+        try:
+            return _joined(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
 
-GPUStackEmbeddings.dimensions = property(GPUStackEmbeddings._get_dimensions, GPUStackEmbeddings._set_dimensions)  # type: ignore[assignment]
+_generated_init = GPUStackEmbeddings.__init__
 
 
-def _warn_batch_failed(texts: List[str], error: EmbeddingError) -> None:
+@functools.wraps(_generated_init)
+def _init_taking_dimensions(self: GPUStackEmbeddings, *args: Any, dimensions: Optional[int] = None, **fields: Any) -> None:
+    """``GPUStackEmbeddings(id=..., dimensions=N)`` as with every Agno embedder, though ``dimensions`` is no field."""
+    if dimensions is not None:
+        fields["requested_dimensions"] = dimensions
+    _generated_init(self, *args, **fields)
+
+
+GPUStackEmbeddings.__init__ = _init_taking_dimensions  # type: ignore[method-assign]
+
+
+def _about_one_text(error: ModelProviderError) -> bool:
+    """Whether a failed batch may have failed for one of its texts (too long, rejected): then the others are
+    worth a request each. Not for a key, a model, a server or a network that fails every text alike (401,
+    403, 404, 408, 429, 5xx, no running instance, no connection, a timeout): as Agno's own rule for rate
+    limits says, that would multiply the load on a server that is already failing."""
+    failure: Optional[_Failure] = getattr(error, "failure", None)
+    status = failure.backend_status or failure.status if failure is not None else error.status_code
+    return isinstance(error, ContextWindowExceededError) or status in (400, 413, 422)
+
+
+def _warn_batch_failed(texts: List[str], error: ModelProviderError) -> None:
     from agno.utils.log import log_warning
 
     log_warning(f"GPUStack batch of {len(texts)} texts failed ({error}); embedding them one by one")
 
 
 def _each(embedder: GPUStackEmbeddings, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-    """Text by text, keeping successes; like Agno's ``aembed_texts_individually``, for sync callers."""
+    """Text by text, keeping successes; like Agno's ``aembed_texts_individually``, for sync callers. A failure
+    that is not about its text ends the loop at once, as for a batch."""
     vectors: List[List[float]] = []
     usages: List[Optional[Dict]] = []
-    failures: List[Tuple[int, EmbeddingError]] = []
+    failures: List[Tuple[int, ModelProviderError]] = []
     for position, text in enumerate(texts):
         try:
-            vector, usage = embedder.get_embedding_and_usage(text)
-        except EmbeddingError as error:
+            answer = embedder.embed(text)
+            vector, usage = embedder.parse_embeddings_response(answer)[0], answer.get("usage")
+        except ModelProviderError as error:
+            if not _about_one_text(error):
+                raise_embedding_error(error, model_id=embedder.id, provider="GPUStack")
             failures.append((position, error))
             vector, usage = [], None
         vectors.append(vector)
         usages.append(usage)
     if failures and len(failures) == len(texts):
         first = failures[0][1]
-        raise EmbeddingError(f"All {len(texts)} chunks failed to embed: {first}", status_code=first.provider_status_code,
-                             model_id=first.model_id, provider=first.provider)
+        raise EmbeddingError(f"All {len(texts)} chunks failed to embed: {first}", status_code=first.status_code,
+                             model_id=embedder.id, provider="GPUStack")
     if failures:
         from agno.utils.log import log_warning
 
