@@ -3,6 +3,10 @@
 A test still running after GPUSTACK_TEST_TIMEOUT seconds (default 30) fails with a
 TimeoutError raised in it; one stuck where even that can't reach it ends the run with
 every thread's traceback a little later, so a hang costs a minute, not the CI's 90.
+
+It also puts tests/ on sys.path, once for every test file: the fake GPUStack in tests/fakes.py is
+``from fakes import ...`` in tests/test_*.py and in test_live_gpustack.py alike. The fake suite's own
+fixtures are in tests/conftest.py.
 """
 
 import faulthandler
@@ -14,6 +18,8 @@ import time
 from typing import Optional
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
 
 LIMIT = float(os.environ.get("GPUSTACK_TEST_TIMEOUT", "30"))
 

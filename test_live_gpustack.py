@@ -32,7 +32,7 @@ from agno.models.message import Message
 
 import gpustack
 from gpustack import GPUStackChat, GPUStackEmbeddings, GPUStackRerank, list_models
-from test_gpustack import Fake, chat_answer, chunk, send, stream
+from fakes import Fake, chat_answer, chunk, send, stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.environ.get("GPUSTACK_TEST_SERVER_URL", "")

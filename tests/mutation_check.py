@@ -208,16 +208,19 @@ def run(name: str, source: str, limit: float, live: bool = False) -> Tuple[bool,
     with tempfile.TemporaryDirectory(prefix="gpustack-mutant-") as work:
         with open(os.path.join(work, "gpustack.py"), "w", encoding="utf-8") as handle:
             handle.write(source)
-        for name_ in ("test_gpustack.py", "conftest.py", "test_live_gpustack.py"):
+        # The suite as it stands in the project: its settings (pyproject.toml: testpaths, addopts), both conftest.py
+        # files, test_gpustack.py and tests/ with the shared fake (tests/fakes.py) and every test file.
+        for name_ in ("pyproject.toml", "conftest.py", "test_gpustack.py", "test_live_gpustack.py"):
             shutil.copy(os.path.join(ROOT, name_), work)
+        shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"), ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "GPUSTACK_TEST_TIMEOUT": "20", "PYTHONDONTWRITEBYTECODE": "1", "GPUSTACK_LIVE_REQUIRED": "1"}
-        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::ResourceWarning",
-                  "test_live_gpustack.py" if live else "test_gpustack.py"]
+        # No test path for the fake suite: pyproject.toml's testpaths name it, as for a plain `pytest`.
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (["test_live_gpustack.py"] if live else [])
         harness = [sys.executable, os.path.join(ROOT, "tests", "gpustack_server.py"), "run", "--"] if live else []
         started = time.monotonic()
         done = subprocess.run(harness + pytest, cwd=work, env=env, capture_output=True, text=True, timeout=limit)
         seconds = time.monotonic() - started
-    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED test_", "ERROR test_"))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     shown = ", ".join(test.split("::")[-1][:60] for test in failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
     return done.returncode != 0, shown, seconds
 
