@@ -901,15 +901,37 @@ def _connect(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> N
     conn.sock.settimeout(read_timeout)
 
 
-class _HTTPConnection(http.client.HTTPConnection):
-    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+ONE_WRITE_BYTES = 64 * 1024  # a request body up to this size goes out in one write with its head
 
+
+class _OneWrite(http.client.HTTPConnection):
+    """http.client sends a request's head and its body with two ``send()`` calls: two system calls a call.
+    ``join_body()`` before ``request()`` holds the head back in the public ``send()`` and sends it with the
+    body, which must be non-empty bytes (http.client skips an empty one, and the head would stay held)."""
+
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    _head: Optional[bytes] = None
+    _join = False
+
+    def join_body(self, body: Any) -> None:
+        self._head = None
+        self._join = isinstance(body, bytes) and 0 < len(body) <= ONE_WRITE_BYTES
+
+    def send(self, data: Any) -> None:
+        if self._join:
+            self._join, self._head = False, data
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        super().send(data)
+
+
+class _HTTPConnection(_OneWrite):
     def connect(self) -> None:
         _connect(self, super().connect)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+class _HTTPSConnection(_OneWrite, http.client.HTTPSConnection):
     tls_context: ssl.SSLContext
     tls_host: str  # the name the certificate must carry: the server's, also through a proxy's tunnel
 
@@ -983,6 +1005,7 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
                 if guard is not None:
                     guard.attach(conn.sock)
                 try:
+                    conn.join_body(req.data)  # type: ignore[attr-defined]
                     conn.request(req.get_method(), req.selector, req.data, headers)
                 except _STALE_ERRORS:
                     if not reused:

@@ -452,7 +452,7 @@ def test_inference_only_key_says_only_that_it_has_no_running_instance(fake):
 
 
 def test_slow_management_api_costs_at_most_the_diagnosis_time(fake, monkeypatch):
-    monkeypatch.setattr(gpustack, "DIAGNOSIS_SECONDS", 0.3)
+    monkeypatch.setattr(gpustack, "LOOKUP_SECONDS", 0.3)
 
     def stall(h, seen):
         time.sleep(2)
