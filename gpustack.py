@@ -63,7 +63,7 @@ from typing import (
 
 from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelProviderError
 from agno.knowledge.document import Document
-from agno.knowledge.embedder.base import Embedder, aembed_texts_individually, pad_batch_embeddings, raise_embedding_error
+from agno.knowledge.embedder.base import Embedder, pad_batch_embeddings, raise_embedding_error
 from agno.knowledge.reranker.base import Reranker
 from agno.media import Audio, Image
 from agno.metrics import MessageMetrics
@@ -2711,18 +2711,40 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         """Embed many texts in ``batch_size`` requests, a few at once, in input order.
 
         A batch that failed for what may be one of its texts (``_about_one_text``) is tried text by text,
-        so one bad chunk does not lose the others; any other failure is raised at once, and batches not
-        yet sent are not sent.
+        so one bad chunk does not lose the others; any other failure is raised, and batches not yet sent
+        are not sent.
         """
         batches = self._batches(texts)
+        stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(self.batch_concurrency, len(batches)))) as pool:
-            futures = [pool.submit(self._batch_or_each, batch) for batch in batches]
-            try:
-                return _joined([future.result() for future in futures])
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            futures = [pool.submit(self._batch_unless, batch, stop) for batch in batches]
+            return _joined([future.result() for future in futures])
+
+    async def async_get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
+        """``await embedder.async_get_embeddings_batch_and_usage(texts)``: the same, batches in worker threads."""
+        batches = self._batches(texts)
+        stop = threading.Event()
+        limit = asyncio.Semaphore(max(1, self.batch_concurrency))
+
+        async def one(batch: List[str]) -> Any:
+            async with limit:
+                return await _in_thread(self._batch_unless, batch, stop)
+
+        results = await asyncio.gather(*(one(batch) for batch in batches), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return _joined(results)
+
+    def _batch_unless(self, texts: List[str], stop: threading.Event) -> Any:
+        """One batch, unless another already failed for the server: then it is not sent."""
+        if stop.is_set():
+            return None
+        try:
+            return self._batch_or_each(texts)
+        except BaseException:
+            stop.set()
+            raise
 
     def _batch_or_each(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
         try:
@@ -2732,30 +2754,6 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
                 raise_embedding_error(error, model_id=self.id, provider="GPUStack")
             _warn_batch_failed(texts, error)
         return _each(self, texts)
-
-    async def async_get_embeddings_batch_and_usage(self, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-        """``await embedder.async_get_embeddings_batch_and_usage(texts)``: batches run concurrently, order kept,
-        with the same rule as the sync path for a batch that fails."""
-        batches = self._batches(texts)
-        limit = asyncio.Semaphore(max(1, self.batch_concurrency))
-
-        async def one(batch: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-            async with limit:
-                try:
-                    return await _in_thread(self._batch, batch)
-                except ModelProviderError as error:
-                    if not _about_one_text(error):
-                        raise_embedding_error(error, model_id=self.id, provider="GPUStack")
-                    _warn_batch_failed(batch, error)
-            return await aembed_texts_individually(self, batch)
-
-        tasks = [asyncio.ensure_future(one(batch)) for batch in batches]
-        try:
-            return _joined(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
 
 
 _generated_init = GPUStackEmbeddings.__init__
@@ -2772,13 +2770,13 @@ def _init_taking_dimensions(self: GPUStackEmbeddings, *args: Any, dimensions: Op
 GPUStackEmbeddings.__init__ = _init_taking_dimensions  # type: ignore[method-assign]
 
 
-def _about_one_text(error: ModelProviderError) -> bool:
+def _about_one_text(error: Optional[BaseException]) -> bool:
     """Whether a failed batch may have failed for one of its texts (too long, rejected): then the others are
     worth a request each. Not for a key, a model, a server or a network that fails every text alike (401,
     403, 404, 408, 429, 5xx, no running instance, no connection, a timeout): as Agno's own rule for rate
     limits says, that would multiply the load on a server that is already failing."""
     failure: Optional[_Failure] = getattr(error, "failure", None)
-    status = failure.backend_status or failure.status if failure is not None else error.status_code
+    status = failure.backend_status or failure.status if failure is not None else getattr(error, "status_code", None)
     return isinstance(error, ContextWindowExceededError) or status in (400, 413, 422)
 
 
@@ -2789,26 +2787,25 @@ def _warn_batch_failed(texts: List[str], error: ModelProviderError) -> None:
 
 
 def _each(embedder: GPUStackEmbeddings, texts: List[str]) -> Tuple[List[List[float]], List[Optional[Dict]]]:
-    """Text by text, keeping successes; like Agno's ``aembed_texts_individually``, for sync callers. A failure
-    that is not about its text ends the loop at once, as for a batch."""
+    """Text by text, keeping successes, as Agno's ``aembed_texts_individually`` does (and with its words); but a
+    failure that is not about its text ends the loop at once, as it ends a batch."""
     vectors: List[List[float]] = []
     usages: List[Optional[Dict]] = []
-    failures: List[Tuple[int, ModelProviderError]] = []
+    failures: List[Tuple[int, EmbeddingError]] = []
     for position, text in enumerate(texts):
         try:
-            answer = embedder.embed(text)
-            vector, usage = embedder.parse_embeddings_response(answer)[0], answer.get("usage")
-        except ModelProviderError as error:
-            if not _about_one_text(error):
-                raise_embedding_error(error, model_id=embedder.id, provider="GPUStack")
+            vector, usage = embedder.get_embedding_and_usage(text)
+        except EmbeddingError as error:
+            if not _about_one_text(error.__cause__):
+                raise
             failures.append((position, error))
             vector, usage = [], None
         vectors.append(vector)
         usages.append(usage)
     if failures and len(failures) == len(texts):
         first = failures[0][1]
-        raise EmbeddingError(f"All {len(texts)} chunks failed to embed: {first}", status_code=first.status_code,
-                             model_id=embedder.id, provider="GPUStack")
+        raise EmbeddingError(f"All {len(texts)} chunks failed to embed: {first}", status_code=first.provider_status_code,
+                             model_id=first.model_id, provider=first.provider)
     if failures:
         from agno.utils.log import log_warning
 

@@ -104,3 +104,10 @@ def unreachable():
     for sock in filling:
         sock.close()
     listener.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_deployment_facts():
+    """What one test's fake told the deployment layer must not answer for a later fake on the same port."""
+    yield
+    gpustack._DEPLOYMENTS.clear()

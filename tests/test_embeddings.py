@@ -217,3 +217,126 @@ def test_dimensions_probe_of_an_unreachable_server_fails_fast_and_says_what_to_s
     assert time.monotonic() - started < 1.5
     assert caught.value.message.startswith("Cannot learn the embedding size of 'bge-m3' from GPUStack: Could not connect")
     assert caught.value.message.endswith("Set dimensions=N on GPUStackEmbeddings to skip this probe.")
+
+
+# A failed batch: text by text only when the failure can be about one text ########################################
+
+
+def ten_texts():
+    return [f"text number {n}" for n in range(10)]
+
+
+def embed_all(embedder, texts, use_async):
+    if use_async:
+        return asyncio.run(embedder.async_get_embeddings_batch_and_usage(texts))
+    return embedder.get_embeddings_batch_and_usage(texts)
+
+
+def paths(fake, prefix):
+    return [seen.path for seen in fake.requests if seen.path.startswith(prefix)]
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_stopped_model_fails_the_batch_call_at_once_with_one_readiness_lookup(embedder, fake, use_async):
+    fake.on("/v1/embeddings", reply(503, b'{"error":{"message":"No running instances available","code":503}}'))
+    fake.on("/v2/models", reply(200, {"items": [{"id": 1, "name": "bge-m3", "replicas": 0}], "pagination": {}}))
+    with pytest.raises(EmbeddingError) as caught:
+        embed_all(embedder, ten_texts(), use_async)
+    assert len(paths(fake, "/v1/embeddings")) == 1 + embedder.max_retries
+    assert len(paths(fake, "/v2/models")) == 1
+    assert "bge-m3 is stopped (0 replicas): start it in GPUStack." in str(caught.value)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_rate_limited_batch_is_never_split_into_single_texts(embedder, fake, use_async):
+    fake.on("/v1/embeddings", reply(429, b'{"error":{"message":"slow down","code":429}}', headers={"Retry-After": "0"}))
+    with pytest.raises(EmbeddingError, match="slow down"):
+        embed_all(embedder, ten_texts(), use_async)
+    assert len(paths(fake, "/v1/embeddings")) == 1 + embedder.max_retries
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_later_batches_are_not_sent_once_one_failed_for_the_server(embedder, fake, use_async):
+    fake.on("/v1/embeddings", reply(401, b'{"code":401,"message":"Invalid authentication credentials"}'))
+    embedder.batch_size, embedder.batch_concurrency = 2, 1
+    with pytest.raises(EmbeddingError, match="Invalid authentication credentials"):
+        embed_all(embedder, ten_texts(), use_async)
+    assert len(paths(fake, "/v1/embeddings")) == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_one_bad_text_among_ten_costs_one_request_each_and_keeps_nine(embedder, fake, agno_log, use_async):
+    texts = ten_texts()
+    texts[6] = "poison " + texts[6]
+    vectors, _ = embed_all(embedder, texts, use_async)
+    assert len(paths(fake, "/v1/embeddings")) == 1 + 10
+    assert [position for position, vector in enumerate(vectors) if vector] == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert [line for line in agno_log if "chunks failed" in line] == [
+        "1 of 10 chunks failed to embed at position(s) 6: Failed to generate embedding: this text is poison "
+        f"(HTTP 400 from POST {fake.url}/v1/embeddings, code 400)."
+    ]
+
+
+def test_a_server_failure_while_going_text_by_text_ends_the_loop_at_once(embedder, fake):
+    fake.on("/v1/embeddings", reply(400, b'{"error":{"message":"batch rejected","code":400}}'),
+            reply(502, b"bad gateway", "text/plain"))
+    embedder.max_retries = 0
+    with pytest.raises(EmbeddingError, match="bad gateway"):
+        embedder.get_embeddings_batch_and_usage(ten_texts())
+    assert len(paths(fake, "/v1/embeddings")) == 2
+
+
+# The dimensions: learned once, with the model's timeout, never by copying or comparing ##############################
+
+
+def slow_echo(seconds: float):
+    answer = echo_embedder()
+
+    def respond(h, seen):
+        time.sleep(seconds)
+        answer(h, seen)
+
+    return respond
+
+
+def test_dimensions_probe_waits_with_the_models_timeout_not_the_connect_timeout(fake):
+    fake.on("/v1/embeddings", slow_echo(0.5))
+    embeddings = GPUStackEmbeddings(id="bge-m3", base_url=fake.url, connect_timeout=0.2, timeout=5)
+    assert embeddings.dimensions == 3
+
+
+def test_dimensions_probe_that_times_out_names_the_models_timeout(fake):
+    fake.on("/v1/embeddings", slow_echo(1))
+    embeddings = GPUStackEmbeddings(id="bge-m3", base_url=fake.url, timeout=0.3)
+    with pytest.raises(ModelProviderError) as caught:
+        embeddings.dimensions
+    assert caught.value.message == (
+        f"Cannot learn the embedding size of 'bge-m3' from GPUStack: No answer from POST {fake.url}/v1/embeddings "
+        "within timeout=0.3s; raise timeout=... if the model is slow (a cold start can take minutes). "
+        "Set dimensions=N on GPUStackEmbeddings to skip this probe."
+    )
+
+
+def test_dimensions_are_probed_once_however_often_they_are_read(embedder, fake):
+    assert [embedder.dimensions for _ in range(3)] == [3, 3, 3]
+    assert len(fake.requests) == 1
+
+
+def test_copying_comparing_and_printing_an_embedder_touch_no_network(embedder, fake):
+    import copy
+    import dataclasses
+
+    as_dict = dataclasses.asdict(embedder)
+    other = dataclasses.replace(embedder, user="someone")
+    assert embedder == copy.deepcopy(embedder) and embedder != other
+    assert "dimensions" not in repr(embedder) and as_dict["requested_dimensions"] is None
+    assert fake.requests == []
+
+
+def test_dimensions_given_survive_replace_and_are_sent(embedder, fake):
+    import dataclasses
+
+    wanted = dataclasses.replace(GPUStackEmbeddings(id="bge-m3", base_url=fake.url, dimensions=3), user="someone")
+    assert wanted.dimensions == 3 and fake.requests == []
+    wanted.embed("text")
+    assert fake.requests[-1].json == {"model": "bge-m3", "input": "text", "dimensions": 3, "user": "someone"}
