@@ -2730,7 +2730,7 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
             async with limit:
                 return await _in_thread(self._batch_unless, batch, stop)
 
-        results = await asyncio.gather(*(one(batch) for batch in batches), return_exceptions=True)
+        results: List[Any] = await asyncio.gather(*(one(batch) for batch in batches), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
