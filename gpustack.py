@@ -142,6 +142,10 @@ def _server_root(base_url: Optional[str]) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")).rstrip("/")
 
 
+def _size_text(size: int) -> str:
+    return f"{size // 2**20} MiB" if size % 2**20 == 0 else f"{size} bytes"
+
+
 def _redact_url(url: str) -> str:
     """The URL with any ``user:password@`` removed, for messages."""
     return re.sub(r"(?<=://)[^/@\s]*@", "", url)
@@ -1246,7 +1250,7 @@ class _Transport:
         if raw is None:
             reply.close()
             raise _provider_error(f"GPUStack's answer to {method} {_redact_url(self.url(path))} is larger than "
-                                  f"{MAX_ANSWER_BYTES // 2**20} MiB; it was not read.", 502, self.settings)
+                                  f"{_size_text(MAX_ANSWER_BYTES)}; it was not read.", 502, self.settings)
         reply.finish()
         return raw
 

@@ -14,7 +14,7 @@ from agno.exceptions import ContextWindowExceededError, ModelProviderError
 import gpustack
 from fakes import (
     LLAMA_TOOL_STREAM, REAL_CHAT, REAL_MIDSTREAM_ERROR, REAL_STREAM, Fake, _endless, busy_workers,
-    cancelled_once_arrived, chunk, held_until_gone, reply, send, stream, text_of, user, wait_for,
+    cancelled_once_arrived, chat_answer, chunk, held_until_gone, reply, send, stream, text_of, user, wait_for,
 )
 from gpustack import GPUStackChat
 
@@ -362,15 +362,51 @@ def test_hostile_stream_ends_in_provider_error(model, fake, hostile):
         list(model.invoke_stream(user()))
 
 
-def test_random_bytes_end_in_provider_error_or_clean_result(model, fake):
+def test_random_bytes_in_a_stream_end_in_one_of_its_named_errors(model, fake):
     rng = random.Random(11)
     for _ in range(25):
         noise = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000)))
         fake.on("/v1/chat/completions", stream(noise, b"\n\n" + noise[:50]))
-        try:
+        with pytest.raises(ModelProviderError) as caught:
             list(model.invoke_stream(user()))
-        except ModelProviderError:
-            pass
+        assert caught.value.message.startswith((
+            "GPUStack sent a stream event that is not JSON: ",
+            f"The stream from {fake.url}/v1/chat/completions ended before [DONE] and before any finish_reason",
+        ))
+
+
+def test_a_stream_whose_chunked_body_ends_cleanly_without_done_or_finish_reason_is_incomplete(model, fake):
+    fake.on("/v1/chat/completions", stream(chunk("Hel"), chunk("lo")))
+    with pytest.raises(ModelProviderError) as caught:
+        list(model.invoke_stream(user()))
+    assert caught.value.message == (
+        f"The stream from {fake.url}/v1/chat/completions ended before [DONE] and before any finish_reason: the "
+        "connection was cut and the answer is incomplete."
+    )
+
+
+def test_a_close_delimited_stream_without_done_or_finish_reason_is_incomplete(model, fake):
+    def close_delimited(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(b"data: " + json.dumps(chunk("Hello")).encode() + b"\n\n")
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", close_delimited)
+    with pytest.raises(ModelProviderError, match=r"ended before \[DONE\] and before any finish_reason"):
+        list(model.invoke_stream(user()))
+
+
+def test_a_json_answer_to_a_stream_request_is_capped_like_any_answer(model, fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "MAX_ANSWER_BYTES", 1024)
+    fake.on("/v1/chat/completions", reply(200, chat_answer("x" * 2000)))
+    with pytest.raises(ModelProviderError) as caught:
+        list(model.invoke_stream(user()))
+    assert caught.value.message == (
+        f"GPUStack's answer to POST {fake.url}/v1/chat/completions is larger than 1024 bytes; it was not read."
+    )
 
 
 def test_500_concurrent_async_streams_arrive_whole_and_in_order(model, fake):

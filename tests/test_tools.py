@@ -214,7 +214,7 @@ def test_too_large_answer_is_refused(tools, fake, monkeypatch):
     fake.on("/v1/images/generations", reply(200, image_answer(PNG + b"\x00" * 2048)))
     with pytest.raises(ModelProviderError) as caught:
         tools.image("x")
-    assert caught.value.message == (f"GPUStack's answer to POST {fake.url}/v1/images/generations is larger than 0 MiB; "
+    assert caught.value.message == (f"GPUStack's answer to POST {fake.url}/v1/images/generations is larger than 1024 bytes; "
                                     "it was not read.")
 
 
