@@ -308,3 +308,15 @@ def test_agent_rebuilt_from_config_uses_the_registered_gpustack_model(model, fak
     assert rebuilt.run("hi").content == "Hello"
     with pytest.raises(ValueError, match="Model provider 'gpustack' is not supported"):
         Agent.from_dict(config)
+
+
+def test_rates_are_not_summed_across_calls_by_agno(model, fake):
+    from agno.metrics import MessageMetrics
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "time_to_first_token_ms": 10.5,
+             "time_per_output_token_ms": 6.4, "tokens_per_second": 155.5}
+    fake.on("/v1/chat/completions", reply(200, {**chat_answer(), "usage": usage}))
+    total = MessageMetrics()
+    for _ in range(3):
+        total += model.invoke(user()).response_usage
+    assert (total.input_tokens, total.provider_metrics) == (9, {"time_to_first_token_ms": 31.5})

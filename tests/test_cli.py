@@ -108,3 +108,30 @@ def test_cli_exits_3_on_a_malformed_answer(fake):
         "gpustack: error: GPUStack's answer has an embedding that is NoneType, not a list of numbers: "
         "{'data': [{'index': 0}]}\n"
     )
+
+
+def test_an_internal_type_error_is_not_reported_as_a_usage_error(fake, monkeypatch):
+    import pytest
+
+    import gpustack
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(gpustack, "list_models", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        gpustack.main(["models", "--server", fake.url])
+
+
+def test_timeout_help_gives_each_commands_default():
+    import gpustack
+
+    for command in ("models", "doctor", "image"):
+        assert "(default: 600; doctor 30; image, speak, transcribe 900)" in " ".join(
+            gpustack._parser()._subparsers._group_actions[0].choices[command].format_help().split())
+
+
+def test_models_json_asks_for_the_meta(fake):
+    fake.on("/v1/models", models_route)
+    assert cli(fake, "models", "--json").returncode == 0
+    assert [seen.path for seen in fake.requests][0] == "/v1/models?with_meta=true"

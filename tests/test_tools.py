@@ -328,3 +328,16 @@ def test_tools_keep_the_key_out_of_repr_and_attributes(tools, fake):
     fake.on("/v1/images/generations", reply(200, image_answer(PNG)))
     tools.image("x")
     assert fake.requests[-1].headers["Authorization"] == "Bearer sk-test-secret-123456"
+
+
+def test_speech_is_sent_as_asked_when_the_voices_lookup_fails(fake):
+    fake.on("/v1/models", reply(502, b"bad gateway", "text/plain"))
+    fake.on("/v1/audio/speech", reply(200, MP3, "audio/mpeg"))
+    tools = gpustack.GPUStackTools(speech_model="cosyvoice", base_url=fake.url, max_retries=0)
+    assert tools.speech("Hello", voice="English Male").content == MP3
+    assert tools.speech("Hello").content == MP3
+    spoken = [seen.json for seen in fake.requests if seen.path == "/v1/audio/speech"]
+    assert spoken == [
+        {"model": "cosyvoice", "input": "Hello", "voice": "English Male", "response_format": "mp3"},
+        {"model": "cosyvoice", "input": "Hello", "response_format": "mp3"},
+    ]

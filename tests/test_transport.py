@@ -837,3 +837,120 @@ def test_answer_header_limits_raised_in_http_client_are_honoured(model, fake, mo
     monkeypatch.setattr(http.client, "_MAXHEADERS", 300)
     fake.on("/v1/chat/completions", raw_answer(b"".join(b"X-N%d: v\r\n" % n for n in range(200))))
     assert model.invoke(user()).content == "Hello"
+
+
+# Addresses, the default connect timeout, connections of one server ################################################
+
+
+def resolving_to(monkeypatch, name: str, *ports: int) -> None:
+    """``name`` resolves to 127.0.0.1 on each of these ports, in order (as a host with an IPv6 and an IPv4
+    address would): the sockets stay real, only the name service is scripted."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", each)) for each in ports]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_a_black_holed_first_address_is_passed_over_for_the_next(fake, unreachable, monkeypatch):
+    resolving_to(monkeypatch, "gpustack.test", port_of(unreachable), port_of(fake.url))
+    model = GPUStackChat(id="m", base_url="http://gpustack.test:9", connect_timeout=0.3, max_retries=0)
+    started = time.monotonic()
+    assert model.invoke(user()).content == "Hello"
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert len(fake.requests) == 1
+
+
+def test_an_unreachable_host_names_every_address_it_tried(unreachable, monkeypatch):
+    dead = port_of(unreachable)
+    resolving_to(monkeypatch, "gpustack.test", dead, dead)
+    model = GPUStackChat(id="m", base_url="http://gpustack.test:9", connect_timeout=0.3, max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    assert 0.6 <= time.monotonic() - started < 2
+    assert caught.value.message.startswith(
+        f"Could not connect to http://gpustack.test:9/v1/chat/completions (tried 127.0.0.1:{dead}, 127.0.0.1:{dead}) "
+        "within connect_timeout=0.3s: the host is unreachable"
+    )
+
+
+def test_a_user_who_sets_nothing_is_protected_from_a_black_holed_host_after_five_seconds(unreachable):
+    model = GPUStackChat(id="m", base_url=unreachable, max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(ModelProviderError, match=r"within connect_timeout=5s"):
+        model.invoke(user())
+    assert 5 <= time.monotonic() - started < 7
+
+
+def test_model_close_closes_only_its_own_servers_connections(fake):
+    other = Fake()
+    other.on("/v1/chat/completions", reply(200, REAL_CHAT))
+    try:
+        mine, theirs = GPUStackChat(id="m", base_url=fake.url), GPUStackChat(id="m", base_url=other.url)
+        mine.invoke(user()), theirs.invoke(user())
+        mine.close()
+        mine.invoke(user()), theirs.invoke(user())
+        assert (fake.connections, other.connections) == (2, 1)
+    finally:
+        gpustack.close_connections()
+        other.close()
+
+
+def test_https_connections_are_reused_too(tls_fake):
+    model = GPUStackChat(id="m", base_url=tls_fake.url, verify=tls_fake.cert)
+    for _ in range(3):
+        model.invoke(user())
+    assert tls_fake.connections == 1
+
+
+# Failures as data #####################################################################################################
+
+
+def test_a_failure_travels_as_data_with_the_backends_own_status(model, fake):
+    fake.on("/v1/chat/completions", reply(503, REAL_503_BACKEND_400))
+    with pytest.raises(ModelProviderError) as caught:
+        model.invoke(user())
+    failure = caught.value.failure
+    assert (failure.status, failure.backend_status, failure.answered, failure.path) == (400, 400, True, "chat/completions")
+    assert failure.where == (f"HTTP 400 from the model's backend, relayed by GPUStack as HTTP 503 from POST "
+                             f"{fake.url}/v1/chat/completions")
+
+
+def test_a_call_that_got_no_answer_says_so_in_its_failure(unreachable):
+    with pytest.raises(ModelProviderError) as caught:
+        GPUStackChat(id="m", base_url=unreachable, connect_timeout=0.2, max_retries=0).invoke(user())
+    assert (caught.value.failure.status, caught.value.failure.answered) == (502, False)
+
+
+# The standard library, public side only ###############################################################################
+
+
+def test_the_only_private_name_of_the_standard_library_in_use_is_http_clients_connection_seam():
+    """Every ``._name`` the module reads or writes is one it defines itself, but ``_create_connection``: the seam
+    HTTPConnection.__init__ sets for opening its socket, named in a comment where it is used."""
+    import ast
+
+    with open(os.path.join(HERE, "gpustack.py"), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    own = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    own |= {target.attr for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"}
+    own |= {name for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for item in node.body
+            if isinstance(item, (ast.Assign, ast.AnnAssign))
+            for name in ([t.id for t in item.targets if isinstance(t, ast.Name)] if isinstance(item, ast.Assign)
+                         else [item.target.id] if isinstance(item.target, ast.Name) else [])}
+    own |= {element.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets)
+            for element in ast.walk(node.value) if isinstance(element, ast.Constant) and isinstance(element.value, str)}
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and node.attr.startswith("_") and not node.attr.startswith("__")}
+    assert private - own == {"_create_connection"}
