@@ -3393,7 +3393,7 @@ def diagnose(
 def _key_scopes(transport: _Transport, settings: _Settings) -> Tuple[bool, str, str]:
     if not settings.api_key:
         return False, "no API key set", f"set {API_KEY_ENV} (or --api-key-file) to a key from GPUStack's UI, API Keys"
-    transport.call("GET", "models", expect="data")
+    _deployment(settings).models(seconds=settings.timeout, fresh=True)  # the inference scope
     try:
         transport.call("GET", "/v2/my-models?perPage=1", expect="items")
     except ModelProviderError as error:
