@@ -242,11 +242,16 @@ def text_of(pieces) -> str:
 # Responders and helpers used by tests in more than one file ############################################
 
 
-def _endless(h, seen):
+def event_stream_head(h) -> None:
+    """The head of a 200 event stream in chunked encoding."""
     h.send_response(200)
     h.send_header("Content-Type", "text/event-stream")
     h.send_header("Transfer-Encoding", "chunked")
     h.end_headers()
+
+
+def _endless(h, seen):
+    event_stream_head(h)
     raw = b"data: " + json.dumps(chunk("tok")).encode() + b"\n\n"
     for _ in range(2000):
         h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))

@@ -14,7 +14,7 @@ from agno.exceptions import ContextWindowExceededError, ModelProviderError
 import gpustack
 from fakes import (
     LLAMA_TOOL_STREAM, REAL_CHAT, REAL_MIDSTREAM_ERROR, REAL_STREAM, Fake, _endless, busy_workers,
-    cancelled_once_arrived, chat_answer, chunk, held_until_gone, reply, send, stream, text_of, user, wait_for,
+    cancelled_once_arrived, chat_answer, chunk, event_stream_head, held_until_gone, reply, send, stream, text_of, user, wait_for,
 )
 from gpustack import GPUStackChat
 
@@ -102,10 +102,7 @@ def first_then_wait(release: threading.Event):
     """A stream that sends "first", then holds until ``release`` is set, then "!" and the end."""
 
     def respond(h, seen):
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
-        h.send_header("Transfer-Encoding", "chunked")
-        h.end_headers()
+        event_stream_head(h)
         raw = b"data: " + json.dumps(chunk("first")).encode() + b"\n\n"
         h.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
         h.wfile.flush()
@@ -387,11 +384,8 @@ def test_a_stream_whose_chunked_body_ends_cleanly_without_done_or_finish_reason_
 
 def test_a_close_delimited_stream_without_done_or_finish_reason_is_incomplete(model, fake):
     def close_delimited(h, seen):
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
-        h.send_header("Connection", "close")
-        h.end_headers()
-        h.wfile.write(b"data: " + json.dumps(chunk("Hello")).encode() + b"\n\n")
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                      b"data: " + json.dumps(chunk("Hello")).encode() + b"\n\n")
         h.close_connection = True
 
     fake.on("/v1/chat/completions", close_delimited)
