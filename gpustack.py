@@ -2022,6 +2022,11 @@ def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": raw.get("id"), "type": raw.get("type") or "function", "function": function}
 
 
+# The request fields a chat model sends as they are, when set.
+_REQUEST_FIELDS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed",
+                   "logprobs", "top_logprobs", "user")
+
+
 @dataclass
 class GPUStackChat(_ClientOptions, Model):
     """A chat model served by GPUStack, for Agno agents.
@@ -2074,28 +2079,8 @@ class GPUStackChat(_ClientOptions, Model):
         """The model's settings without secrets: ``model.to_dict()``."""
         data = super().to_dict()
         data["base_url"] = _redact_url(self.base_url or "")
-        data.update(
-            {
-                name: getattr(self, name)
-                for name in (
-                    "timeout",
-                    "connect_timeout",
-                    "max_retries",
-                    "temperature",
-                    "max_tokens",
-                    "top_p",
-                    "frequency_penalty",
-                    "presence_penalty",
-                    "stop",
-                    "seed",
-                    "logprobs",
-                    "top_logprobs",
-                    "user",
-                    "enable_thinking",
-                )
-                if getattr(self, name) is not None
-            }
-        )
+        shown = ("timeout", "connect_timeout", "max_retries") + _REQUEST_FIELDS + ("enable_thinking",)
+        data.update({name: getattr(self, name) for name in shown if getattr(self, name) is not None})
         return data
 
     # -- request ----------------------------------------------------------------
@@ -2108,22 +2093,7 @@ class GPUStackChat(_ClientOptions, Model):
         **_: Any,
     ) -> Dict[str, Any]:
         """The request fields this model sends besides model and messages: ``model.get_request_params()``."""
-        params: Dict[str, Any] = {
-            name: value
-            for name in (
-                "temperature",
-                "max_tokens",
-                "top_p",
-                "frequency_penalty",
-                "presence_penalty",
-                "stop",
-                "seed",
-                "logprobs",
-                "top_logprobs",
-                "user",
-            )
-            if (value := getattr(self, name)) is not None
-        }
+        params: Dict[str, Any] = {name: value for name in _REQUEST_FIELDS if (value := getattr(self, name)) is not None}
         if response_format is not None:
             params["response_format"] = self._response_format(response_format)
         if tools:
