@@ -3,14 +3,15 @@
 A plain ``pytest`` here runs this file and tests/ (testpaths in pyproject.toml); no server is needed.
 The tests are in tests/, a file for each promise:
 
-    tests/test_transport.py   configuration, errors and retries, connections, TLS and proxies, answer
-                              headers, async transport, fork
+    tests/test_transport.py   configuration, errors and retries, addresses and connections, TLS and
+                              proxies, failures as data, async transport, fork
     tests/test_events.py      SSE decoding, streaming, stream faults and caps, cancelled async streams
     tests/test_chat.py        messages and their parts, non-streaming answers, Agno agent runs,
                               structured output, reasoning
     tests/test_embeddings.py  GPUStackEmbeddings, alone and inside Agno's knowledge machinery
     tests/test_rerank.py      GPUStackRerank
     tests/test_tools.py       GPUStackTools: images, speech, transcription
+    tests/test_deployment.py  what the module learns about a server: when it asks, how long it keeps it
     tests/test_diagnosis.py   the factory and list_models, the errors explained, doctor
     tests/test_cli.py         the command line
 

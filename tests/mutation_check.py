@@ -1,7 +1,7 @@
 """Does the suite notice when a safeguard is removed? For each safeguard in gpustack.py, copy the
 module with that safeguard disabled, run the suite against the copy, and list the survivors.
 
-    python tests/mutation_check.py            # every mutant, one after another (about 50 minutes)
+    python tests/mutation_check.py            # every mutant, one after another (about an hour)
     python tests/mutation_check.py fork sse   # only mutants whose name contains one of these words
     python tests/mutation_check.py --live unwrapped cancel
         the live suite instead, through a real GPUStack (tests/gpustack_server.py; about 1 minute a mutant)
