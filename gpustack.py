@@ -320,6 +320,11 @@ _CONTEXT_WORDINGS = [
     ("vLLM", re.compile(r"The decoder prompt \(length (\d+)\) is longer than the maximum model length of (\d+)"), 2, 1),
     ("vLLM", re.compile(r"The prompt \(total length (\d+)\) is too long to fit into the model \(context length (\d+)\)"), 2, 1),
     ("vLLM", re.compile(r"maximum context length is (\d+) tokens"), 1, 0),
+    # gpustack#4895: "max_tokens=131072cannot be greater than max_model_len=max_total_tokens=8192. ..."
+    ("vLLM", re.compile(r"max_(?:completion_)?tokens=(\d+)\s*cannot be greater than max_model_len=(?:max_total_tokens=)?(\d+)"),
+     2, 0),
+    # llama-box, GPUStack's llama.cpp (gpustack#3685): a max_tokens larger than the window, without numbers.
+    ("llama.cpp", re.compile(r'"max_tokens" must be less than or equal to the model\'s context length'), 0, 0),
 ]
 _VLLM_PROMPT_TOKENS = re.compile(r"(\d+) in the messages|has (\d+) input tokens|contains at least (\d+) input tokens")
 
@@ -419,6 +424,7 @@ class _Failure:
     code: Optional[str] = None
     path: str = ""  # the endpoint, without its query
     topic: Optional[str] = None  # UNKNOWN_MODEL, NOT_RUNNING, OTHER_TASK: what a lookup may explain
+    window: Optional[int] = None  # the context window a context-window error named
     retry: Optional[bool] = None  # what the words say of a second try; None: the status decides
     kind: Type[ModelProviderError] = ModelProviderError
 
@@ -500,6 +506,7 @@ def _server_failure(status: int, words: str, code: Optional[str], where: str, se
     overflow = _context_overflow(failure.words, raw)
     if overflow is not None:
         failure.hint, failure.retry, failure.kind = _context_hint(*overflow), False, ContextWindowExceededError
+        failure.window = overflow[1]
         return failure
     fix = _deployment_fix(failure.words)
     if fix is None and status == 404 and failure.words == "Not Found" and path in ("rerank", "embeddings"):
@@ -1733,20 +1740,30 @@ class _Deployment:
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = dataclasses.replace(settings, max_retries=0, model_name="GPUStack lookup", model_id=None)
-        self._answers: Dict[str, Tuple[float, Any]] = {}
+        self._answers: Dict[str, Tuple[float, Any]] = {}  # by path: (when, the list or the error it gave)
+        self._windows: Dict[str, int] = {}  # by model: its context window, once its meta named it
+        self._overflows: Dict[str, int] = {}  # by model: the window its first context-window error named
         self._lock = threading.Lock()
 
     def ask(self, path: str, expect: str, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> List[Any]:
-        """The ``expect`` list of a GET, from the cache while it is fresh; one request within ``seconds`` otherwise."""
+        """The ``expect`` list of a GET, from the cache while it is fresh; one request within ``seconds`` otherwise.
+        A failure is kept as long as an answer, so a server that can't tell costs one lookup per DEPLOYMENT_TTL."""
         with self._lock:
             known = self._answers.get(path)
         if known is not None and not fresh and time.monotonic() - known[0] < DEPLOYMENT_TTL:
+            if isinstance(known[1], ModelProviderError):
+                raise known[1]
             return known[1]
         seconds = max(0.1, seconds)
         settings = dataclasses.replace(self.settings, timeout=seconds, connect_timeout=min(seconds, self.settings.connect_timeout))
-        items = _Transport(settings).call("GET", path, expect=expect)[expect]
+        try:
+            items: Any = _Transport(settings).call("GET", path, expect=expect)[expect]
+        except ModelProviderError as error:
+            items = error
         with self._lock:
             self._answers[path] = (time.monotonic(), items)
+        if isinstance(items, ModelProviderError):
+            raise items
         return items
 
     def models(self, categories: Sequence[str] = (), with_meta: bool = False, seconds: float = LOOKUP_SECONDS,
@@ -1778,6 +1795,22 @@ class _Deployment:
     def voices(self, model: str, seconds: float = LOOKUP_SECONDS) -> List[str]:
         return [str(voice) for voice in self.meta(model, seconds).get("voices") or ()]
 
+    def window(self, model: str) -> Optional[int]:
+        """A model's context window in tokens: what its meta names (learned once), else what its first
+        context-window error named, else None. Never raises: a lookup that fails is a window not known."""
+        with self._lock:
+            known = self._windows.get(model)
+        if known is not None:
+            return known
+        try:
+            found = _window_of(self.meta(model))
+        except ModelProviderError:
+            found = None
+        with self._lock:
+            if found is not None:
+                self._windows[model] = found
+            return found if found is not None else self._overflows.get(model)
+
     # -- what a lookup adds to a failed call ---------------------------------------
 
     def explain(self, error: ModelProviderError, settings: _Settings) -> None:
@@ -1785,9 +1818,14 @@ class _Deployment:
         whose names are near one it doesn't know, the category of a model asked for another task, or what
         the instances of a model that isn't running are doing."""
         failure: Optional[_Failure] = getattr(error, "failure", None)
-        if failure is None or failure.topic is None or not settings.model_id:
+        if failure is None or not settings.model_id:
             return
         model = settings.model_id
+        if failure.window is not None:
+            with self._lock:
+                self._overflows.setdefault(model, failure.window)
+        if failure.topic is None:
+            return
         try:
             if failure.topic == UNKNOWN_MODEL:
                 found = self._nearest(model, settings.model_name)
@@ -1855,6 +1893,16 @@ class _Deployment:
             instances = []
         doing = [_instance_state(item) for item in instances if isinstance(item, dict) and item.get("state") != "running"]
         return f"{model} exists but {ready} of {replicas} instances are ready" + (f": {'; '.join(doing)}." if doing else ".")
+
+
+def _window_of(meta: Dict[str, Any]) -> Optional[int]:
+    """The context window a model's ``meta`` names: vLLM's and SGLang's ``max_model_len``, else MindIE's
+    ``max_total_tokens``. Never llama.cpp's ``n_ctx_train``: the window it was trained with, not the one it runs."""
+    for key in ("max_model_len", "max_total_tokens"):
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _instance_state(instance: Dict[str, Any]) -> str:
@@ -3376,7 +3424,7 @@ def _key_scopes(transport: _Transport, settings: _Settings) -> Tuple[bool, str, 
 def _model_line(item: Dict[str, Any]) -> str:
     meta: Dict[str, Any] = item["meta"] if isinstance(item.get("meta"), dict) else {}
     extra = [",".join(item.get("categories") or []) or "no category"]
-    window = meta.get("max_model_len") or meta.get("n_ctx")
+    window = _window_of(meta)
     if window:
         extra.append(f"context {window}")
     if meta.get("voices"):
