@@ -263,6 +263,34 @@ def _client_options(given: Dict[str, Any], **defaults: Any) -> _ClientOptions:
     return client
 
 
+def _checked_count(name: str, value: Any) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _learned(**stored_as: str) -> Callable[[Type[T]], Type[T]]:
+    """A dataclass whose ``cls(name=value)`` fills the field ``stored_as[name]``: for values that are properties
+    learned from the server when not given (``dimensions``, ``context_window``). As properties, not fields, they
+    stay out of ``dataclasses.asdict``, ``replace``, ``==`` and ``repr``, which must never touch the network."""
+
+    def decorate(cls: Type[T]) -> Type[T]:
+        generated = cls.__init__
+
+        @functools.wraps(generated)
+        def __init__(self: Any, *args: Any, **fields: Any) -> None:
+            for name, stored in stored_as.items():
+                value = fields.pop(name, None)
+                if value is not None:
+                    fields[stored] = value
+            generated(self, *args, **fields)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return decorate
+
+
 def _error_text(body: bytes, content_type: str = "") -> Tuple[str, Optional[str]]:
     """The server's own words in an error body, and its error code, whichever of the five shapes it has.
 
@@ -1735,6 +1763,101 @@ MODEL_CATEGORIES = ("llm", "embedding", "image", "reranker", "speech_to_text", "
 _CLASS_FOR = {"llm": "GPUStackChat", "embedding": "GPUStackEmbeddings", "reranker": "GPUStackRerank"}
 
 
+# Token counts. Without tiktoken (no Agno dependency) Agno estimates len(text) // 4, a third of the real count for
+# Chinese. The estimate here counts a CJK character as a token and four other characters as one, then each model's
+# server corrects it: every answer reports the prompt's tokens (usage.prompt_tokens) for a request whose estimate is
+# known, so a model's counts converge on its tokenizer's, at no request's cost.
+
+_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+MESSAGE_OVERHEAD_TOKENS = 4  # a chat template's role markers around each message
+CALIBRATION_SAMPLES = 3  # the answers a model's correction is taken from: the latest ones
+
+
+def _text_tokens(text: str) -> int:
+    cjk = len(_CJK.findall(text))
+    return cjk + (len(text) - cjk + 3) // 4
+
+
+def _message_text(message: Any) -> str:
+    """The text of a message that a chat template puts in the prompt, as Agno's own count gathers it."""
+    if isinstance(message, dict):
+        content = message.get("content")
+        return content if isinstance(content, str) else json.dumps(content, default=str) if content else ""
+    parts: List[str] = []
+    content = message.get_content(use_compressed_content=True)
+    if isinstance(content, list):
+        parts.extend(item.get("text", "") if isinstance(item, dict) and item.get("type") == "text" else
+                     item if isinstance(item, str) else "" for item in content)
+    elif content:
+        parts.append(content if isinstance(content, str) else str(content))
+    for call in message.tool_calls or ():
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            parts.append(str(call["function"].get("arguments", "")))
+    parts.extend(text for text in (message.tool_call_id, message.reasoning_content, message.name) if text)
+    return " ".join(parts)
+
+
+def _media_tokens(message: Any) -> int:
+    """Images, audio and video counted apart, as Agno counts them (the server's count for them is its own)."""
+    if isinstance(message, dict) or not (message.images or message.audio or message.videos):
+        return 0
+    from agno.utils.tokens import count_audio_tokens, count_image_tokens, count_video_tokens
+
+    return (sum(count_image_tokens(image) for image in message.images or ())
+            + sum(count_audio_tokens(audio) for audio in message.audio or ())
+            + sum(count_video_tokens(video) for video in message.videos or ()))
+
+
+def _definition_text(item: Any) -> str:
+    """A tool definition or an output schema as the JSON a chat template renders."""
+    if hasattr(item, "to_dict"):
+        item = item.to_dict()
+    elif isinstance(item, type) and hasattr(item, "model_json_schema"):
+        item = item.model_json_schema()
+    return json.dumps(item, default=str)
+
+
+def _estimate(messages: Sequence[Any], tools: Optional[Sequence[Any]], schema: Any) -> Tuple[int, int]:
+    """(text tokens, media tokens) of a request, estimated here: the text part is what a server corrects."""
+    text = sum(_text_tokens(_message_text(message)) + MESSAGE_OVERHEAD_TOKENS for message in messages)
+    text += sum(_text_tokens(_definition_text(tool)) for tool in tools or ())
+    if schema is not None:
+        text += _text_tokens(_definition_text(schema))
+    return text, sum(_media_tokens(message) for message in messages)
+
+
+class _TokenCalibration:
+    """How a model's server counts against this module's estimate, from the usage of its latest answers.
+
+    An answer is recorded as it comes (its messages, not yet estimated: that costs a pass over the history,
+    paid only when a count is asked for); ``factor()`` estimates what is pending and divides what the server
+    counted by what was estimated, over the last CALIBRATION_SAMPLES answers.
+    """
+
+    def __init__(self) -> None:
+        self._pending: "collections.deque[Tuple[Tuple[Any, ...], Any, Any, int]]" = collections.deque(maxlen=CALIBRATION_SAMPLES)
+        self._samples: "collections.deque[Tuple[int, int]]" = collections.deque(maxlen=CALIBRATION_SAMPLES)
+        self._lock = threading.Lock()
+
+    def record(self, messages: Sequence[Any], tools: Any, schema: Any, prompt_tokens: int) -> None:
+        if prompt_tokens > 0:
+            with self._lock:
+                self._pending.append((tuple(messages), tools, schema, prompt_tokens))
+
+    def factor(self) -> Optional[float]:
+        """Server tokens per estimated token, or None before any answer told."""
+        with self._lock:
+            pending, self._pending = list(self._pending), collections.deque(maxlen=CALIBRATION_SAMPLES)
+        for messages, tools, schema, counted in pending:
+            text, media = _estimate(messages, tools, schema)
+            if text > 0 and counted > media:
+                with self._lock:
+                    self._samples.append((text, counted - media))
+        with self._lock:
+            estimated = sum(text for text, _ in self._samples)
+            return sum(counted for _, counted in self._samples) / estimated if estimated else None
+
+
 class _Deployment:
     """One server as one key sees it: ``_deployment(settings).models(with_meta=True)``."""
 
@@ -1743,6 +1866,7 @@ class _Deployment:
         self._answers: Dict[str, Tuple[float, Any]] = {}  # by path: (when, the list or the error it gave)
         self._windows: Dict[str, int] = {}  # by model: its context window, once its meta named it
         self._overflows: Dict[str, int] = {}  # by model: the window its first context-window error named
+        self._calibrations: Dict[str, _TokenCalibration] = {}  # by model: how its server counts tokens
         self._lock = threading.Lock()
 
     def ask(self, path: str, expect: str, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> List[Any]:
@@ -1810,6 +1934,10 @@ class _Deployment:
             if found is not None:
                 self._windows[model] = found
             return found if found is not None else self._overflows.get(model)
+
+    def calibration(self, model: str) -> _TokenCalibration:
+        with self._lock:
+            return self._calibrations.setdefault(model, _TokenCalibration())
 
     # -- what a lookup adds to a failed call ---------------------------------------
 
@@ -1958,6 +2086,27 @@ def _client_of(owner: Any, model_name: str) -> _Client:
     return client
 
 
+@dataclass
+class _Windowed:
+    """``context_window`` for the model classes: ``context_window=N`` is kept in ``requested_context_window``;
+    unset, it is learned from the deployment. A property, not a field, so copying a model never asks."""
+
+    requested_context_window: Optional[int] = field(default=None, repr=False)
+
+    @property
+    def context_window(self) -> Optional[int]:
+        """The deployment's context window in tokens: ``model.context_window``. ``context_window=N`` as given, else
+        what GPUStack says of the model (``max_model_len``, ``max_total_tokens``), else the limit its first
+        context-window error named, else None. Learned once per model and server; a lookup that fails is None."""
+        if self.requested_context_window is not None:
+            return self.requested_context_window
+        return _deployment(self._transport().settings).window(self.id)  # type: ignore[attr-defined]
+
+    @context_window.setter
+    def context_window(self, value: Optional[int]) -> None:
+        self.requested_context_window = _checked_count("context_window", value)
+
+
 # The chat model ##############################################################
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool", "model": "assistant"}
@@ -2070,13 +2219,19 @@ def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": raw.get("id"), "type": raw.get("type") or "function", "function": function}
 
 
+COMPACTION_RESERVE = 0.05  # of the window: what a count may be off by
+COMPACTION_ANSWER_SHARE = 0.125  # of the window: the answer's budget when max_tokens is not set
+FIT_MARGIN_TOKENS = 16
+
+
 # The request fields a chat model sends as they are, when set.
 _REQUEST_FIELDS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed",
                    "logprobs", "top_logprobs", "user")
 
 
+@_learned(context_window="requested_context_window")
 @dataclass
-class GPUStackChat(_ClientOptions, Model):
+class GPUStackChat(_ClientOptions, _Windowed, Model):
     """A chat model served by GPUStack, for Agno agents.
 
         from agno.agent import Agent
@@ -2110,6 +2265,7 @@ class GPUStackChat(_ClientOptions, Model):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.requested_context_window = _checked_count("context_window", self.requested_context_window)
         self._resolve_client_options()
         self._client_cache: Optional[Tuple[Any, _Client]] = None
         self._transport()  # every setting is checked now, not at the first call
@@ -2122,6 +2278,71 @@ class GPUStackChat(_ClientOptions, Model):
     def close(self) -> None:
         """Close the idle connections to this model's server, no other: ``model.close()``."""
         close_connections(self.base_url)
+
+    # -- token counts that match the server, and a compaction sized for its window --
+
+    def count_tokens(self, messages: List[Message], tools: Optional[Sequence[Any]] = None,
+                     output_schema: Optional[Any] = None) -> int:
+        """The prompt's tokens as this model's server counts them: ``model.count_tokens(messages)``. The local
+        estimate, corrected by the usage its server reported for this model's latest answers (no request made)."""
+        text, media = _estimate(messages, tools, output_schema)
+        factor = self._calibration().factor()
+        return round(text * (factor or 1.0)) + media
+
+    async def acount_tokens(self, messages: List[Message], tools: Optional[Sequence[Any]] = None,
+                            output_schema: Optional[Any] = None) -> int:
+        """``await model.acount_tokens(messages)``: local, as count_tokens()."""
+        return self.count_tokens(messages, tools, output_schema)
+
+    def compaction(self, answer_tokens: Optional[int] = None, reserve: float = COMPACTION_RESERVE, **options: Any) -> Any:
+        """An Agno ``Compaction`` sized for this deployment: ``Agent(model=m, compaction=m.compaction(), db=...)``.
+
+        It folds the history before a request reaches the window: at the window, less the answer's budget
+        (``answer_tokens``, else ``max_tokens``, else a share of the window), less a ``reserve`` share; counted
+        with this model's own count_tokens; with Agno's overflow recovery as the backstop. Other ``Compaction``
+        options pass through. With the window unknown, it says so once and gives Agno's reactive compaction.
+        """
+        from agno.compaction.compaction import Compaction
+
+        window = self.context_window
+        if window is None:
+            _warn_once(f"window {self.id}", f"GPUStack model {self.id!r}: its context window is not known (GPUStack lists "
+                       "no max_model_len for it), so history is folded only after a request is refused as too long. "
+                       "Set context_window=N on GPUStackChat to fold before.")
+            return Compaction(compact_at_tokens=None, on_context_overflow=True, **options)
+        answer = answer_tokens or self.max_tokens or int(window * COMPACTION_ANSWER_SHARE)
+        at = max(1, window - answer - int(window * reserve))
+        options.setdefault("on_context_overflow", True)
+        return Compaction(compact_at_tokens=at, use_model_token_count=True, **options)
+
+    def _calibration(self) -> _TokenCalibration:
+        return _deployment(self._transport().settings).calibration(self.id)
+
+    def _learn_count(self, messages: Sequence[Any], tools: Any, schema: Any, usage: Optional[MessageMetrics]) -> None:
+        if usage is not None and usage.input_tokens:
+            self._calibration().record(messages, tools, schema, usage.input_tokens)
+
+    def _fit_max_tokens(self, body: Dict[str, Any], messages: Sequence[Any], tools: Any, schema: Any) -> None:
+        """Lower a ``max_tokens`` that cannot fit the window beside the prompt, so the request is answered rather
+        than refused. Only lowered, never a request held back: a prompt that alone exceeds the window goes as
+        it is, and the server decides. The margin is wide until the model's counts are calibrated."""
+        name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
+        wanted = body.get(name)
+        if not isinstance(wanted, int) or isinstance(wanted, bool):
+            return
+        window = self.context_window
+        if window is None:
+            return
+        text, media = _estimate(messages, tools, schema)
+        factor = self._calibration().factor()
+        prompt = round(text * factor * 1.05 if factor else text * 1.5) + media + FIT_MARGIN_TOKENS
+        room = window - prompt
+        if wanted <= room or room < 1:
+            return
+        body[name] = room
+        _warn_once(f"fit {self.id}", f"GPUStack model {self.id!r} has a context window of {window} tokens: "
+                   f"{name}={wanted} cannot fit beside the prompt, so it was lowered (to {room} for this request). "
+                   f"Set {name} below {window} to silence this.")
 
     def to_dict(self) -> Dict[str, Any]:
         """The model's settings without secrets: ``model.to_dict()``."""
@@ -2223,12 +2444,14 @@ class GPUStackChat(_ClientOptions, Model):
     ) -> ModelResponse:
         """One chat completion: ``model.invoke([Message(role="user", content="Hi")]).content``."""
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
+        self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
         answer = self._transport().call("POST", "chat/completions", body, expect="choices")
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
         result = self._parse_provider_response(answer, response_format=response_format)
+        self._learn_count(messages, tools, response_format, result.response_usage)
         if tools and not result.tool_calls and isinstance(result.content, str) and "<tool_call>" in result.content:
             self._warn_tool_markup()
         return result
@@ -2262,6 +2485,7 @@ class GPUStackChat(_ClientOptions, Model):
     ) -> Iterator[ModelResponse]:
         """Stream a chat completion: ``for piece in model.invoke_stream(messages): print(piece.content or "", end="")``."""
         body = self._body(messages, True, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
+        self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
         think = _ThinkSplitter()
@@ -2283,6 +2507,8 @@ class GPUStackChat(_ClientOptions, Model):
                         piece.reasoning_content = (piece.reasoning_content or "") + reasoning
                 if piece.tool_calls:
                     recent = None
+                if piece.response_usage is not None:
+                    self._learn_count(messages, tools, response_format, piece.response_usage)
                 yield piece
         finally:
             chunks.close()
@@ -2548,12 +2774,6 @@ def _check_texts(texts: Any) -> List[str]:
     return list(texts)
 
 
-def _checked_dimensions(value: Any) -> Optional[int]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"dimensions must be a positive whole number, got {value!r}")
-    return value
-
-
 def _vector(raw: Any) -> List[float]:
     """One embedding: a list of numbers, or base64 of little-endian float32."""
     if isinstance(raw, str):
@@ -2574,8 +2794,9 @@ def _vector(raw: Any) -> List[float]:
     return raw
 
 
+@_learned(dimensions="requested_dimensions", context_window="requested_context_window")
 @dataclass
-class GPUStackEmbeddings(_ClientOptions, Embedder):
+class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
     """Embeddings from a GPUStack model, also an Agno ``Embedder`` for knowledge bases.
 
         embeddings = GPUStackEmbeddings(id="bge-m3")
@@ -2595,6 +2816,7 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
     user: Optional[str] = None
     request_params: Optional[Dict[str, Any]] = None
     batch_concurrency: int = EMBED_BATCH_CONCURRENCY
+    truncate: bool = False  # vLLM's truncate_prompt_tokens: the server cuts a text at the window; the rest is not embedded
     # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
 
     def __post_init__(self) -> None:
@@ -2602,7 +2824,8 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
             raise ValueError("GPUStackEmbeddings needs the model name on GPUStack: GPUStackEmbeddings(id='bge-m3')")
         if self.encoding_format not in ("float", "base64"):
             raise ValueError(f"encoding_format must be 'float' or 'base64', got {self.encoding_format!r}")
-        self.requested_dimensions = _checked_dimensions(self.requested_dimensions)
+        self.requested_dimensions = _checked_count("dimensions", self.requested_dimensions)
+        self.requested_context_window = _checked_count("context_window", self.requested_context_window)
         self._resolve_client_options()
         self._client_cache: Optional[Tuple[Any, _Client]] = None
         self._learned_dimensions: Optional[int] = None
@@ -2619,7 +2842,7 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
 
     @dimensions.setter
     def dimensions(self, value: Optional[int]) -> None:
-        self.requested_dimensions = _checked_dimensions(value)
+        self.requested_dimensions = _checked_count("dimensions", value)
 
     def _probe_dimensions(self) -> int:
         """Vector databases size their tables from ``dimensions``, often as they are constructed: learn it with
@@ -2645,8 +2868,17 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
             body["dimensions"] = self.requested_dimensions
         if self.user is not None:
             body["user"] = self.user
+        if self.truncate:
+            body["truncate_prompt_tokens"] = self._truncation()
         body.update(self.request_params or {})
         return body
+
+    def _truncation(self) -> int:
+        """Where the server cuts a text: at the window (-1, vLLM's own window, when it is not known)."""
+        window = self.context_window
+        _warn_once(f"truncate {self.id}", f"GPUStack model {self.id!r} embeds each text only up to its context window "
+                   f"({window or 'as the server knows it'} tokens): text past it is not embedded (truncate=True).")
+        return window or -1
 
     def embed(self, input: Union[str, List[str]], timeout: Optional[float] = None) -> Dict[str, Any]:
         """The server's JSON for one text or a batch in one request: ``embeddings.embed(["a", "b"])``.
@@ -2660,7 +2892,11 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
         return self._embed(_check_texts(input), transport)
 
     def _embed(self, texts: List[str], transport: _Transport) -> Dict[str, Any]:
-        answer = transport.call("POST", "embeddings", self._body(texts), expect="data")
+        try:
+            answer = transport.call("POST", "embeddings", self._body(texts), expect="data")
+        except ContextWindowExceededError as error:
+            self._say_which_text(error, texts)
+            raise
         vectors = self.parse_embeddings_response(answer)
         if len(vectors) != len(texts):
             raise transport.malformed(f"{len(vectors)} embeddings for {len(texts)} texts", answer)
@@ -2673,6 +2909,20 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
                 transport.settings,
             )
         return answer
+
+    def _say_which_text(self, error: ContextWindowExceededError, texts: List[str]) -> None:
+        """A text longer than the window: its size against the window, and the two ways out."""
+        failure: Optional[_Failure] = getattr(error, "failure", None)
+        if failure is None:
+            return
+        window = failure.window or self.context_window
+        longest = max(texts, key=len)
+        where = f"; the longest of these {len(texts)} texts is" if len(texts) > 1 else ": it is"
+        error.message = failure.message(
+            f"A text is longer than {self.id!r} can embed{f' ({window} tokens)' if window else ''}{where} about "
+            f"{_text_tokens(longest)} tokens ({len(longest)} characters). Split documents into smaller chunks "
+            "(a smaller chunk_size in Agno's chunking), or set truncate=True on GPUStackEmbeddings to embed each "
+            "text up to the window.")
 
     async def aembed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
         """``await embeddings.aembed(["a", "b"])``: embed() without blocking the event loop."""
@@ -2776,20 +3026,6 @@ class GPUStackEmbeddings(_ClientOptions, Embedder):
                 raise_embedding_error(error, model_id=self.id, provider="GPUStack")
             _warn_batch_failed(texts, error)
         return _each(self, texts)
-
-
-_generated_init = GPUStackEmbeddings.__init__
-
-
-@functools.wraps(_generated_init)
-def _init_taking_dimensions(self: GPUStackEmbeddings, *args: Any, dimensions: Optional[int] = None, **fields: Any) -> None:
-    """``GPUStackEmbeddings(id=..., dimensions=N)`` as with every Agno embedder, though ``dimensions`` is no field."""
-    if dimensions is not None:
-        fields["requested_dimensions"] = dimensions
-    _generated_init(self, *args, **fields)
-
-
-GPUStackEmbeddings.__init__ = _init_taking_dimensions  # type: ignore[method-assign]
 
 
 def _about_one_text(error: Optional[BaseException]) -> bool:
