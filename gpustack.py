@@ -521,6 +521,7 @@ def _failed(failure: _Failure, settings: _Settings) -> ModelProviderError:
 def _server_failure(status: int, words: str, code: Optional[str], where: str, settings: _Settings, raw: str = "",
                     location: Optional[str] = None, path: str = "") -> _Failure:
     """What a server said, with the fix when its words tell it. Used for HTTP answers and errors inside streams alike."""
+    words = _redact(words, settings.api_key)  # a server may echo the key; the failure's words never carry it
     failure = _Failure(status, words, where, code=code, path=path)
     wrapped = _unwrapped(status, words)
     if wrapped is not None:
@@ -2918,11 +2919,11 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
         window = failure.window or self.context_window
         longest = max(texts, key=len)
         where = f"; the longest of these {len(texts)} texts is" if len(texts) > 1 else ": it is"
-        error.message = failure.message(
+        error.message = _redact(failure.message(
             f"A text is longer than {self.id!r} can embed{f' ({window} tokens)' if window else ''}{where} about "
             f"{_text_tokens(longest)} tokens ({len(longest)} characters). Split documents into smaller chunks "
             "(a smaller chunk_size in Agno's chunking), or set truncate=True on GPUStackEmbeddings to embed each "
-            "text up to the window.")
+            "text up to the window."), self.api_key)
 
     async def aembed(self, input: Union[str, List[str]]) -> Dict[str, Any]:
         """``await embeddings.aembed(["a", "b"])``: embed() without blocking the event loop."""
