@@ -32,7 +32,7 @@ from agno.models.message import Message
 
 import gpustack
 from gpustack import GPUStackChat, GPUStackEmbeddings, GPUStackRerank, list_models
-from fakes import Fake, chat_answer, chunk, send, stream
+from fakes import Fake, agent_turns, chat_answer, chunk, look_up, send, stream, vllm_window
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.environ.get("GPUSTACK_TEST_SERVER_URL", "")
@@ -527,3 +527,38 @@ def test_doctor_finds_the_deployment_ready(backend):
         assert checks == [(None, "server"), (None, "API key"), (None, "running models"),
                           (CHAT, "chat"), (CHAT, "stream"), (CHAT, "tools"), (CHAT, "json_schema"),
                           (EMBEDDING, "embedding"), (RERANK, "rerank")]
+
+
+# Long conversations ###################################################################################
+
+
+@ours
+def test_the_chat_models_window_is_what_gpustack_reports(backend):
+    assert chat().context_window == 4096  # tests/gpustack_server.py: CHAT_WINDOW, in the model's meta
+
+
+@ours
+def test_doctor_lists_the_chat_models_window(backend):
+    done = cli("doctor", "--json")
+    catalog = [check for check in json.loads(done.stdout)["checks"] if check["check"] == "running models"]
+    assert f"{CHAT} (llm, context 4096)" in catalog[0]["detail"]
+
+
+@ours
+def test_a_long_conversation_is_folded_before_gpustack_refuses_a_request(backend, tmp_path):
+    from agno.agent import Agent
+    from agno.db.sqlite import SqliteDb
+
+    prompts: List[int] = []
+    backend.on("/v1/chat/completions", vllm_window(4096, agent_turns, prompts))
+    model = chat(max_tokens=None, max_retries=0)
+    db = SqliteDb(db_file=str(tmp_path / "agent.db"))
+    agent = Agent(model=model, db=db, tools=[look_up], add_history_to_context=True, num_history_runs=30,
+                  compaction=model.compaction(), session_id="long", telemetry=False)
+    try:
+        for turn in range(30):
+            agent.run(f"question {turn}: what do the records say?")
+    finally:
+        db.close()
+    assert max(prompts) <= 4096 and agent.compaction.stats.compactions >= 1
+

@@ -46,6 +46,7 @@ START_SECONDS = 240  # imports and migrations take 20-30 s on two cores; a loade
 # What the live tests find on the server (names match GPUSTACK_TEST_* in test_live_gpustack.py).
 CHAT, EMBEDDING, RERANK = "live-chat", "live-embed", "live-rerank"
 STOPPED, PENDING = "live-stopped", "live-pending"
+CHAT_WINDOW = 4096  # the chat model's context window, in its meta as a vLLM deployment's is
 
 
 def log(message: str) -> None:
@@ -292,7 +293,8 @@ def register_models(admin: Admin, cluster_id: int) -> Dict[str, int]:
                                      (STOPPED, "llm", 0), (PENDING, "llm", 1)):
         model = admin.call("POST", "/v2/models", {
             "name": name, "source": "local_path", "local_path": f"/models/{name}.gguf", "cluster_id": cluster_id,
-            "replicas": replicas, "categories": [category], "backend": "Custom", "enable_model_route": True})
+            "replicas": replicas, "categories": [category], "backend": "Custom", "enable_model_route": True,
+            "meta": {"max_model_len": CHAT_WINDOW} if name == CHAT else {}})
         ids[name] = model["id"]
     return ids
 

@@ -3,63 +3,18 @@ server's, compaction before the window is full, a max_tokens that fits, embeddin
 
 import asyncio
 import json
-import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
-from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelProviderError
+from agno.exceptions import ContextWindowExceededError, EmbeddingError
 from agno.models.message import Message
 
 import gpustack
-from fakes import chat_answer, reply, send, user
+from fakes import agent_turns, look_up, prompt_tokens, reply, send, tokens_of, user, vllm_window
 from gpustack import GPUStackChat, GPUStackEmbeddings
 
 
-# A vLLM behind GPUStack, with a tokenizer unlike len // 4 ###########################################################
-
-
-def tokens_of(text: str) -> int:
-    """The fake's tokenizer: each CJK character one token, each run of ASCII letters or digits one token."""
-    return len(re.findall(r"[\u4e00-\u9fff]|[A-Za-z0-9]+", text))
-
-
-def prompt_tokens(body: Dict[str, Any]) -> int:
-    """What the fake's chat template makes of a request: each message's text and 3 tokens around it; the tools."""
-    total = 0
-    for message in body["messages"]:
-        content = message.get("content")
-        total += 3 + tokens_of(content if isinstance(content, str) else json.dumps(content or ""))
-        total += tokens_of(json.dumps(message.get("tool_calls") or ""))
-    return total + tokens_of(json.dumps(body.get("tools") or ""))
-
-
-def vllm_window(window: int, answer=lambda body: chat_answer("好的, OK."), seen_prompts: Optional[List[int]] = None):
-    """A chat endpoint that refuses what doesn't fit ``window`` with vLLM's own words, and reports its count."""
-
-    def respond(h, seen):
-        body = seen.json
-        prompt = prompt_tokens(body)
-        if seen_prompts is not None:
-            seen_prompts.append(prompt)
-        wanted = body.get("max_tokens")
-        if prompt > window:
-            message = (f"This model's maximum context length is {window} tokens. However, your request has {prompt} "
-                       "input tokens. Please reduce the length of the input messages.")
-        elif wanted is not None and wanted > window:
-            message = (f"max_tokens={wanted}cannot be greater than max_model_len=max_total_tokens={window}. Please "
-                       f"request fewer output tokens. (parameter=max_tokens, value={wanted})")
-        elif wanted is not None and prompt + wanted > window:
-            message = (f"'max_tokens' or 'max_completion_tokens' is too large: {wanted}. This model's maximum context "
-                       f"length is {window} tokens and your request has {prompt} input tokens "
-                       f"({wanted} > {window} - {prompt}).")
-        else:
-            answered = answer(body)
-            answered["usage"] = {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3}
-            return send(h, 200, json.dumps(answered).encode())
-        send(h, 400, json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
-                                           "code": 400}}).encode())
-
-    return respond
+# A vLLM behind GPUStack (its fake in fakes.py: vllm_window) ##########################################################
 
 
 def models_with_meta(**meta_by_model: Dict[str, Any]):
@@ -218,26 +173,6 @@ def test_compaction_without_a_known_window_says_so_and_is_reactive(fake, agno_lo
         "history is folded only after a request is refused as too long. Set context_window=N on GPUStackChat to fold "
         "before."
     ]
-
-
-LONG_RESULT = " ".join(f"row {n} holds the value {n * 7} for the quarterly report" for n in range(60))
-
-
-def look_up(query: str) -> str:
-    """Look a query up in the records."""
-    return LONG_RESULT
-
-
-def agent_turns(body: Dict[str, Any]) -> Dict[str, Any]:
-    """Agno's summarizer gets a summary; a user turn gets a call of the tool; a tool result gets the answer."""
-    first = body["messages"][0]
-    if first["role"] == "system" and "summar" in str(first["content"]).lower():
-        return chat_answer("Earlier turns: the records were looked up for each question.")
-    if body["messages"][-1]["role"] == "user":
-        call = {"id": f"call_{len(body['messages'])}", "type": "function",
-                "function": {"name": "look_up", "arguments": json.dumps({"query": "records"})}}
-        return chat_answer(None, tool_calls=[call])
-    return chat_answer("The records say 42.")
 
 
 def run_conversation(fake, tmp_path, compaction_of, turns: int = 30, use_async: bool = False):
