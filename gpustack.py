@@ -2917,11 +2917,12 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
         if failure is None:
             return
         window = failure.window or self.context_window
-        longest = max(texts, key=len)
-        where = f"; the longest of these {len(texts)} texts is" if len(texts) > 1 else ": it is"
+        position, longest = max(enumerate(texts), key=lambda item: len(item[1]))
+        where = f"; the longest of these {len(texts)} texts, at position {position}, is" if len(texts) > 1 else ": it is"
         error.message = _redact(failure.message(
             f"A text is longer than {self.id!r} can embed{f' ({window} tokens)' if window else ''}{where} about "
-            f"{_text_tokens(longest)} tokens ({len(longest)} characters). Split documents into smaller chunks "
+            f"{_text_tokens(longest)} tokens ({len(longest)} characters, starting {longest[:30]!r}). "
+            "Split documents into smaller chunks "
             "(a smaller chunk_size in Agno's chunking), or set truncate=True on GPUStackEmbeddings to embed each "
             "text up to the window."), self.api_key)
 

@@ -286,9 +286,9 @@ def test_a_text_longer_than_the_embedding_window_gets_one_clear_error(fake, tmp_
     with pytest.raises(EmbeddingError) as caught:
         embedder.get_embedding("长" * 900)
     assert str(caught.value).endswith(
-        "A text is longer than 'bge-m3' can embed (512 tokens): it is about 900 tokens (900 characters). Split "
-        "documents into smaller chunks (a smaller chunk_size in Agno's chunking), or set truncate=True on "
-        "GPUStackEmbeddings to embed each text up to the window."
+        "A text is longer than 'bge-m3' can embed (512 tokens): it is about 900 tokens (900 characters, starting "
+        f"{'长' * 30!r}). Split documents into smaller chunks (a smaller chunk_size in Agno's chunking), or set "
+        "truncate=True on GPUStackEmbeddings to embed each text up to the window."
     )
 
 
@@ -319,4 +319,15 @@ def test_a_long_chinese_document_without_truncate_fails_naming_the_window(fake, 
     path.write_text(LONG_CHINESE_DOCUMENT, encoding="utf-8")
     knowledge, reader = knowledge_on(fake, GPUStackEmbeddings(id="bge-m3", base_url=fake.url, dimensions=3))
     knowledge.insert(path=str(path), reader=reader)
-    assert any("can embed (512 tokens)" in line for line in agno_log)
+    errors = [line for line in agno_log if "Failed to generate embedding" in line]
+    assert len(errors) == 1 and "can embed (512 tokens): it is about 1408 tokens (1465 characters, starting " \
+        "'第0段: 代理阅读报告并在回答之前仔细检查每一个数字代理阅读'). Split documents into smaller chunks" in errors[0]
+
+
+def test_in_a_batch_the_longest_text_is_named_by_its_position_and_the_others_are_embedded(fake, agno_log):
+    fake.on("/v1/models", models_with_meta(**{"bge-m3": {"max_model_len": 512}}))
+    fake.on("/v1/embeddings", windowed_embedder(512))
+    embedder = GPUStackEmbeddings(id="bge-m3", base_url=fake.url, dimensions=3)
+    vectors, _ = embedder.get_embeddings_batch_and_usage(["short", "长" * 900, "also short"])
+    assert [bool(vector) for vector in vectors] == [True, False, True]
+    assert any("the longest of these 3 texts, at position 1, is about 900 tokens" in line for line in agno_log)
