@@ -22,6 +22,7 @@ import difflib
 import email.parser
 import email.utils
 import functools
+import hashlib
 import http.client
 import json
 import math
@@ -61,7 +62,7 @@ from typing import (
     Union,
 )
 
-from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelProviderError
+from agno.exceptions import ContextWindowExceededError, EmbeddingError, ModelProviderError, RetryableModelProviderError
 from agno.knowledge.document import Document
 from agno.knowledge.embedder.base import Embedder, pad_batch_embeddings, raise_embedding_error
 from agno.knowledge.reranker.base import Reranker
@@ -85,6 +86,7 @@ __all__ = [
     "alist_models",
     "close_connections",
     "diagnose",
+    "ThoughtTooLongError",
 ]
 
 T = TypeVar("T")
@@ -1214,15 +1216,18 @@ class _Transport:
             raise ValueError(f"Request body for GPUStack cannot be sent as JSON: {exc}") from None
 
     def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False,
-             form: Optional[Tuple[bytes, str]] = None) -> _Reply:
+             form: Optional[Tuple[bytes, str]] = None, extra: Optional[Dict[str, str]] = None) -> _Reply:
         """Send one request, retrying what can succeed later; return a 2xx reply or raise.
 
-        ``form`` is a multipart body and its content type, built once so a retry sends the same bytes.
+        ``form`` is a multipart body and its content type, built once so a retry sends the same bytes;
+        ``extra`` are headers of this request only.
         """
         settings = self.settings
         url = self.url(path)
         data = self._encode(body) if form is None else form[0]
         headers = self._headers[stream] if form is None else {**self._headers[stream], "Content-Type": form[1]}
+        if extra:
+            headers = {**headers, **extra}
         opener, _ = _opener(settings.verify)
         guard = _GUARD.get()
         attempt = 0
@@ -1259,21 +1264,21 @@ class _Transport:
                 time.sleep(delay)
 
     def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, expect: str = "",
-             form: Optional[Tuple[bytes, str]] = None) -> Dict[str, Any]:
+             form: Optional[Tuple[bytes, str]] = None, extra: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         """A whole JSON request (or multipart ``form``) and answer: an object whose ``expect`` field is a list.
 
         An error object inside a 200 (some gateways send one) raises like any other error.
         """
-        answer = self.answer(method, path, body, form)
+        answer = self.answer(method, path, body, form, extra)
         _raise_if_error_event(answer, "", self.settings)
         if expect and not isinstance(answer.get(expect), list):
             raise self.malformed(f"no {expect!r} list", answer)
         return answer
 
     def answer(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
-               form: Optional[Tuple[bytes, str]] = None) -> Any:
+               form: Optional[Tuple[bytes, str]] = None, extra: Optional[Dict[str, str]] = None) -> Any:
         """The whole answer as JSON of any shape (``/healthz`` says just ``"ok"``)."""
-        reply = self.open(method, path, body, form=form)
+        reply = self.open(method, path, body, form=form, extra=extra)
         return self._decode(self.whole(reply, method, path), reply, self.url(path))
 
     def whole(self, reply: _Reply, method: str, path: str) -> bytes:
@@ -1322,14 +1327,15 @@ class _Transport:
             self.settings,
         )
 
-    def stream(self, path: str, body: Dict[str, Any]) -> Generator[Dict[str, Any], None, None]:
+    def stream(self, path: str, body: Dict[str, Any], extra: Optional[Dict[str, str]] = None
+               ) -> Generator[Dict[str, Any], None, None]:
         """The JSON objects of an event stream, each as soon as its line arrives.
 
         Raises ModelProviderError for an error event, a data line that is not JSON, and a
         stream that ends before ``[DONE]`` and before any ``finish_reason`` (a cut connection).
         Closing the generator early closes the connection, so GPUStack stops generating.
         """
-        reply = self.open("POST", path, body, stream=True)
+        reply = self.open("POST", path, body, stream=True, extra=extra)
         url = self.url(path)
         clean = False
         try:
@@ -2066,9 +2072,9 @@ class _Client(_Transport):
     __slots__ = ()
 
     def open(self, method: str, path: str, body: Optional[Dict[str, Any]], stream: bool = False,
-             form: Optional[Tuple[bytes, str]] = None) -> _Reply:
+             form: Optional[Tuple[bytes, str]] = None, extra: Optional[Dict[str, str]] = None) -> _Reply:
         try:
-            return super().open(method, path, body, stream, form)
+            return super().open(method, path, body, stream, form, extra)
         except ModelProviderError as error:
             _deployment(self.settings).explain(error, self.settings)
             raise
@@ -2220,6 +2226,46 @@ def _tool_call(raw: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": raw.get("id"), "type": raw.get("type") or "function", "function": function}
 
 
+class ThoughtTooLongError(ModelProviderError):
+    """A reasoning model spent its whole output budget thinking and answered nothing: ``except ThoughtTooLongError:``.
+    Never retried: the same request would do the same. (Its words avoid the ones Agno takes for a context-window
+    error, which would have Agno fold the history for nothing.)"""
+
+
+def _thinking_off(body: Dict[str, Any]) -> bool:
+    kwargs = body.get("chat_template_kwargs")
+    return isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
+
+
+class _AnswerWatch:
+    """What an answer (whole, or a stream piece by piece) said: content, reasoning, tool calls, why it ended.
+
+    With thinking off for the request, reasoning is the answer: some reasoning parsers (vLLM's ``deepseek_r1``)
+    put it all in ``reasoning_content`` and leave ``content`` empty. Until content arrives, it is moved there.
+    """
+
+    __slots__ = ("thinking_off", "content", "said", "reasoning", "tool_calls", "finish", "output_tokens", "moved")
+
+    def __init__(self, thinking_off: bool) -> None:
+        self.thinking_off = thinking_off
+        self.content = self.said = self.reasoning = self.tool_calls = self.moved = False
+        self.finish: Optional[str] = None
+        self.output_tokens = 0
+
+    def see(self, piece: ModelResponse) -> None:
+        said = isinstance(piece.content, str) and bool(piece.content.strip()) or bool(piece.content) and not isinstance(piece.content, str)
+        self.said = self.said or said  # content from the server itself: from then on, reasoning stays reasoning
+        if self.thinking_off and piece.reasoning_content and not self.said:
+            piece.content, piece.reasoning_content = (piece.content or "") + piece.reasoning_content, None
+            self.moved = said = True
+        self.content = self.content or said
+        self.reasoning = self.reasoning or bool(piece.reasoning_content)
+        self.tool_calls = self.tool_calls or bool(piece.tool_calls)
+        self.finish = (piece.provider_data or {}).get("finish_reason") or self.finish
+        if piece.response_usage is not None:
+            self.output_tokens = piece.response_usage.output_tokens or self.output_tokens
+
+
 COMPACTION_RESERVE = 0.05  # of the window: what a count may be off by
 COMPACTION_ANSWER_SHARE = 0.125  # of the window: the answer's budget when max_tokens is not set
 FIT_MARGIN_TOKENS = 16
@@ -2260,6 +2306,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     top_logprobs: Optional[int] = None
     user: Optional[str] = None
     enable_thinking: Optional[bool] = None  # Qwen3-style chat_template_kwargs.enable_thinking
+    session_affinity: bool = True  # an Agno session's requests carry a digest of its id (GPUStack's replica affinity)
     strict_output: bool = True
     request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. vLLM's top_k)
     # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
@@ -2448,11 +2495,14 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
-        answer = self._transport().call("POST", "chat/completions", body, expect="choices")
+        answer = self._transport().call("POST", "chat/completions", body, expect="choices", extra=self._affinity(run_response))
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
         result = self._parse_provider_response(answer, response_format=response_format)
         self._learn_count(messages, tools, response_format, result.response_usage)
+        watch = _AnswerWatch(_thinking_off(body))
+        watch.see(result)
+        self._judge(watch, body)
         if tools and not result.tool_calls and isinstance(result.content, str) and "<tool_call>" in result.content:
             self._warn_tool_markup()
         return result
@@ -2490,8 +2540,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
         think = _ThinkSplitter()
+        watch = _AnswerWatch(_thinking_off(body))
         recent = "" if tools else None  # the end of the text so far, to spot tool-call markup cut across chunks
-        chunks = self._transport().stream("chat/completions", body)
+        chunks = self._transport().stream("chat/completions", body, extra=self._affinity(run_response))
         try:
             for chunk in chunks:
                 piece = self._parse_provider_response_delta(chunk)
@@ -2510,12 +2561,16 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                     recent = None
                 if piece.response_usage is not None:
                     self._learn_count(messages, tools, response_format, piece.response_usage)
+                watch.see(piece)
                 yield piece
         finally:
             chunks.close()
         reasoning, content = think.flush()
         if reasoning or content:
-            yield ModelResponse(content=content or None, reasoning_content=reasoning or None)
+            last = ModelResponse(content=content or None, reasoning_content=reasoning or None)
+            watch.see(last)
+            yield last
+        self._judge(watch, body)
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
 
@@ -2547,6 +2602,38 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             "tool_calls: its deployment needs a tool-call parser (for SGLang, add `--tool-call-parser=<parser>` to its "
             "Backend Parameters on GPUStack, e.g. `qwen25`). The text is left as it came.",
         )
+
+    def _affinity(self, run_response: Any) -> Optional[Dict[str, str]]:
+        """GPUStack routes the requests of a multi-replica deployment that carry one ``session-id`` to one replica,
+        the one that holds the conversation's KV cache. Agno hands the run, with its session, to each call; the
+        header carries a digest of the session id, never the id itself (it may hold user data), the same in every
+        process (several app workers may serve one session). A ``session-id`` in ``headers`` wins."""
+        session = getattr(run_response, "session_id", None)
+        if not session or not self.session_affinity or any(name.lower() == "session-id" for name in self.headers or ()):
+            return None
+        return {"session-id": hashlib.sha256(f"agno-gpustack session\0{session}".encode()).hexdigest()[:32]}
+
+    def _judge(self, watch: "_AnswerWatch", body: Dict[str, Any]) -> None:
+        """An answer with no content, no tool call and some reasoning: the model thought and said nothing.
+        With thinking off, ``watch`` has made the reasoning the answer already (and this warns once)."""
+        if watch.moved:
+            _warn_once(f"reasoning parser {self.id}", f"GPUStack model {self.id!r} answered with thinking off in its "
+                       "reasoning field and left content empty: its deployment's reasoning parser ignores the switch "
+                       "(for Qwen3 on vLLM, `--reasoning-parser qwen3` in its Backend Parameters on GPUStack honours "
+                       "it). The reasoning is taken as the answer.")
+        if watch.content or watch.tool_calls or not watch.reasoning:
+            return
+        if watch.finish == "length":
+            budget = body.get("max_tokens") or body.get("max_completion_tokens") or watch.output_tokens
+            raise _provider_error(
+                f"GPUStack model {self.id!r} spent all {budget or 'the'} tokens it may write thinking, and gave no "
+                "answer (finish_reason \"length\"). Give it room: a larger max tokens setting, thinking switched off "
+                "(enable_thinking=False), or a smaller reasoning budget where the backend has one.",
+                400, self._transport().settings, ThoughtTooLongError)
+        words = (f"GPUStack model {self.id!r} stopped after its reasoning without an answer (finish_reason "
+                 f"{watch.finish!r}, no content, no tool call).")
+        raise RetryableModelProviderError(original_error=words, retry_guidance_message=(
+            "You stopped after thinking, without writing an answer. Write your final answer to the last message now."))
 
     # -- parsing -----------------------------------------------------------------
 
@@ -3586,6 +3673,8 @@ class _Report:
                 fix = "use --ca-bundle FILE for a private CA, or --insecure for a self-signed certificate"
         except (ValueError, TypeError, EmbeddingError) as error:
             ok, detail, fix = False, str(error), ""
+        except RetryableModelProviderError as error:  # what Agno would ask again about; here, a failed check
+            ok, detail, fix = False, str(error.original_error), ""
         self.checks.append({"check": check, "model": model, "ok": ok, "detail": detail, "fix": fix or None,
                             "seconds": round(time.monotonic() - started, 3)})
         return ok
@@ -3699,7 +3788,10 @@ def _doctor_prompt() -> List[Message]:
 
 
 def _chat_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
-    answer = chat.invoke(_doctor_prompt())
+    try:
+        answer = chat.invoke(_doctor_prompt())
+    except ThoughtTooLongError:
+        return True, f"answered with reasoning only: {chat.max_tokens} tokens are too few for it to finish thinking", ""
     said = f"answered {(answer.content or '').strip()[:40]!r}"
     return True, said + (", with reasoning output" if answer.reasoning_content else ""), ""
 
@@ -3981,6 +4073,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ModelProviderError as error:
         sys.stderr.write(f"gpustack: error: {error.message}\n")
         return EXIT_CONNECTION if _no_answer(error) else EXIT_SERVER
+    except RetryableModelProviderError as error:  # an Agno agent would ask once more; the command line reports it
+        sys.stderr.write(f"gpustack: error: {error.original_error}\n")
+        return EXIT_SERVER
     except ValueError as error:
         sys.stderr.write(f"gpustack: usage error: {error}\n")
         return EXIT_USAGE

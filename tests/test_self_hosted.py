@@ -1,0 +1,223 @@
+"""Self-hosted models that misbehave in known ways: answers left in the reasoning field, thinking that ran out of
+tokens or stopped without an answer; and a conversation kept on the replica that holds its cache."""
+
+import asyncio
+import json
+from typing import Any, Dict, List
+
+import pytest
+from agno.exceptions import ModelProviderError, RetryableModelProviderError
+
+import gpustack
+from fakes import chat_answer, chunk, send, stream, user
+from gpustack import GPUStackChat, ThoughtTooLongError
+
+
+def reasoning_only(text: str = "The answer is 42.", finish: str = "stop") -> Dict[str, Any]:
+    """vLLM's deepseek_r1 parser with thinking off: the whole answer in reasoning_content, content null."""
+    answer = chat_answer(None, reasoning_content=text)
+    answer["choices"][0]["finish_reason"] = finish
+    return answer
+
+
+def reasoning_stream(text: str = "The answer is 42.", finish: str = "stop"):
+    words = text.split(" ")
+    pieces = [chunk(reasoning_content=word + (" " if n < len(words) - 1 else "")) for n, word in enumerate(words)]
+    return stream(*pieces, chunk(finish=finish), b"data: [DONE]\n\n")
+
+
+def run_agent(model: GPUStackChat, use_async: bool, streamed: bool = False, text: str = "What is the answer?") -> Any:
+    """(content, status) of an agent's run: streamed, the content of its RunContent events and of a RunError."""
+    from agno.agent import Agent
+
+    agent = Agent(model=model, telemetry=False)
+    if not streamed:
+        output = asyncio.run(agent.arun(text)) if use_async else agent.run(text)
+        return output.content, str(output.status.value)
+
+    async def events() -> List[Any]:
+        return [event async for event in agent.arun(text, stream=True)]
+
+    seen = asyncio.run(events()) if use_async else list(agent.run(text, stream=True))
+    errors = [event.content for event in seen if getattr(event, "event", "") == "RunError"]
+    if errors:
+        return errors[0], "ERROR"
+    return "".join(event.content for event in seen if getattr(event, "event", "") == "RunContent"
+                   and isinstance(event.content, str)), "COMPLETED"
+
+
+# 2. The answer in the reasoning field ###############################################################################
+
+
+def test_with_thinking_off_an_answer_in_the_reasoning_field_is_the_answer(fake, agno_log):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only()).encode()))
+    model = GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=False)
+    answers = [model.invoke(user()) for _ in range(2)]
+    assert [(a.content, a.reasoning_content) for a in answers] == [("The answer is 42.", None)] * 2
+    assert [line for line in agno_log if "reasoning parser" in line] == [
+        "GPUStack model 'qwen3' answered with thinking off in its reasoning field and left content empty: its "
+        "deployment's reasoning parser ignores the switch (for Qwen3 on vLLM, `--reasoning-parser qwen3` in its "
+        "Backend Parameters on GPUStack honours it). The reasoning is taken as the answer."
+    ]
+
+
+def test_thinking_off_in_request_params_counts_too(fake):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only()).encode()))
+    model = GPUStackChat(id="qwen3", base_url=fake.url, request_params={"chat_template_kwargs": {"enable_thinking": False}})
+    assert model.invoke(user()).content == "The answer is 42."
+
+
+def test_with_thinking_off_a_streamed_answer_in_the_reasoning_field_streams_as_content(fake):
+    fake.on("/v1/chat/completions", reasoning_stream())
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=False).invoke_stream(user()))
+    assert [piece.content for piece in pieces if piece.content] == ["The ", "answer ", "is ", "42."]
+    assert not any(piece.reasoning_content for piece in pieces)
+
+
+def test_with_thinking_on_reasoning_stays_reasoning(fake):
+    answer = chat_answer("42.", reasoning_content="Let me think.")
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(answer).encode()))
+    result = GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=True).invoke(user())
+    assert (result.content, result.reasoning_content) == ("42.", "Let me think.")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["run", "arun"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_an_agent_with_thinking_off_answers_with_what_was_in_the_reasoning_field(fake, use_async, streamed):
+    whole = lambda h, seen: send(h, 200, json.dumps(reasoning_only()).encode())  # noqa: E731
+    fake.on("/v1/chat/completions", reasoning_stream() if streamed else whole)
+    model = GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=False)
+    assert run_agent(model, use_async, streamed) == ("The answer is 42.", "COMPLETED")
+
+
+# 3. Thinking that ran out ############################################################################################
+
+
+def test_thinking_that_used_the_whole_max_tokens_fails_with_the_number_and_is_not_retried(fake):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only("Hmm, let me", "length")).encode()))
+    with pytest.raises(ThoughtTooLongError) as caught:
+        GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=256).invoke(user())
+    assert caught.value.message == (
+        "GPUStack model 'qwen3' spent all 256 tokens it may write thinking, and gave no answer (finish_reason "
+        "\"length\"). Give it room: a larger max tokens setting, thinking switched off (enable_thinking=False), or a "
+        "smaller reasoning budget where the backend has one."
+    )
+    assert ModelProviderError.classify(caught.value) is caught.value  # not taken for a context-window error
+    assert [seen.path for seen in fake.requests].count("/v1/chat/completions") == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["run", "arun"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_an_agent_whose_model_thought_until_max_tokens_fails_with_the_numbers(fake, use_async, streamed):
+    whole = lambda h, seen: send(h, 200, json.dumps(reasoning_only("Hmm, let me", "length")).encode())  # noqa: E731
+    fake.on("/v1/chat/completions", reasoning_stream("Hmm, let me think", "length") if streamed else whole)
+    content, status = run_agent(GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=128), use_async, streamed)
+    assert status == "ERROR" and "spent all 128 tokens it may write thinking, and gave no answer" in content
+    assert [seen.path for seen in fake.requests].count("/v1/chat/completions") == 1
+
+
+def test_stopping_after_thinking_without_an_answer_asks_agno_to_ask_again(fake):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only("I should say 42.")).encode()))
+    with pytest.raises(RetryableModelProviderError) as caught:
+        GPUStackChat(id="qwen3", base_url=fake.url).invoke(user())
+    assert caught.value.original_error == (
+        "GPUStack model 'qwen3' stopped after its reasoning without an answer (finish_reason 'stop', no content, no "
+        "tool call).")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["run", "arun"])
+def test_an_agent_asked_again_after_a_reasoning_only_answer_gets_the_answer(fake, use_async):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only("I should say 42.")).encode()),
+            lambda h, seen: send(h, 200, json.dumps(chat_answer("42.")).encode()))
+    assert run_agent(GPUStackChat(id="qwen3", base_url=fake.url), use_async) == ("42.", "COMPLETED")
+    assert fake.requests[1].json["messages"][-1] == {
+        "role": "user",
+        "content": "You stopped after thinking, without writing an answer. Write your final answer to the last message now."}
+
+
+def test_an_agent_whose_second_answer_is_empty_too_gets_a_clear_error(fake):
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(reasoning_only("I should say 42.")).encode()))
+    assert run_agent(GPUStackChat(id="qwen3", base_url=fake.url), False) == (
+        "Max retries with guidance reached. Error: GPUStack model 'qwen3' stopped after its reasoning without an answer "
+        "(finish_reason 'stop', no content, no tool call).", "ERROR")
+    assert len(fake.requests) == 2
+
+
+def test_an_answer_with_a_tool_call_and_reasoning_is_no_empty_answer(fake):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    answer = chat_answer(None, reasoning_content="I will call f.", tool_calls=[call])
+    fake.on("/v1/chat/completions", lambda h, seen: send(h, 200, json.dumps(answer).encode()))
+    assert GPUStackChat(id="qwen3", base_url=fake.url).invoke(user()).tool_calls
+
+
+# 4. Session affinity #################################################################################################
+
+
+def session_headers(fake) -> List[Any]:
+    return [next((value for name, value in seen.headers.items() if name.lower() == "session-id"), None)
+            for seen in fake.requests if seen.path == "/v1/chat/completions"]
+
+
+def weather_turns(h, seen):
+    messages = seen.json["messages"]
+    if messages[-1]["role"] == "user":
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        return send(h, 200, json.dumps(chat_answer(None, tool_calls=[call])).encode())
+    if seen.json.get("stream"):
+        return stream(chunk("Sunny."), chunk(finish="stop"), b"data: [DONE]\n\n")(h, seen)
+    send(h, 200, json.dumps(chat_answer("Sunny.")).encode())
+
+
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+def test_every_request_of_a_session_carries_one_digest_of_its_id_and_never_the_id(fake, tmp_path):
+    from agno.agent import Agent
+    from agno.db.sqlite import SqliteDb
+
+    fake.on("/v1/chat/completions", weather_turns)
+    db = SqliteDb(db_file=str(tmp_path / "s.db"))
+    agent = Agent(model=GPUStackChat(id="qwen3", base_url=fake.url), tools=[get_weather], db=db, telemetry=False)
+    try:
+        agent.run("Weather?", session_id="user-alice@example.com")
+        list(agent.run("And now?", session_id="user-alice@example.com", stream=True))
+        asyncio.run(agent.arun("And later?", session_id="user-alice@example.com"))
+        agent.run("Weather?", session_id="user-bob@example.com")
+    finally:
+        db.close()
+    headers = session_headers(fake)
+    assert len(headers) == 8 and len(set(headers[:6])) == 1 and headers[6] == headers[7] != headers[0]
+    assert len(headers[0]) == 32 and all(header for header in headers)
+    assert not any("alice" in json.dumps(seen.headers) + seen.raw.decode() for seen in fake.requests)
+
+
+def test_the_digest_is_the_same_in_every_process(fake):
+    import subprocess
+    import sys
+
+    from fakes import HERE
+
+    class Run:
+        session_id = "s-1"
+
+    here = GPUStackChat(id="qwen3", base_url=fake.url)._affinity(Run())
+    there = subprocess.run([sys.executable, "-c", "import gpustack\nclass Run: session_id = 's-1'\n"
+                            "print(gpustack.GPUStackChat(id='q', base_url='http://h:1')._affinity(Run())['session-id'])"],
+                           cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+    assert here == {"session-id": there}
+
+
+def test_direct_calls_carry_no_session_header(fake):
+    GPUStackChat(id="qwen3", base_url=fake.url).invoke(user())
+    assert session_headers(fake) == [None]
+
+
+def test_session_affinity_can_be_turned_off_and_the_users_header_wins(fake):
+    class Run:
+        session_id = "s-1"
+
+    GPUStackChat(id="qwen3", base_url=fake.url, session_affinity=False).invoke(user(), run_response=Run())
+    GPUStackChat(id="qwen3", base_url=fake.url, headers={"Session-Id": "mine"}).invoke(user(), run_response=Run())
+    assert session_headers(fake) == [None, "mine"]
