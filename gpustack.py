@@ -2266,6 +2266,84 @@ class _AnswerWatch:
             self.output_tokens = piece.response_usage.output_tokens or self.output_tokens
 
 
+# Tool calls a model writes as text when its deployment has no tool-call parser, by format: the markers that open
+# them, and the parser each backend needs (vLLM's, SGLang's).
+_CALL_MARKERS = ("<tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "{")
+_PARSERS = {"Hermes": ("hermes", "qwen25"), "Llama 3": ("llama3_json", "llama3"), "Mistral": ("mistral", "mistral")}
+_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def _text_tool_calls(content: str, offered: "set") -> Optional[Tuple[List[Dict[str, Any]], str]]:
+    """(tool calls, format) when ``content`` is, but for whitespace, nothing but tool calls written as text:
+    Hermes/Qwen ``<tool_call>{...}</tool_call>`` (one or more), Llama 3 ``<|python_tag|>{...}`` or the bare object,
+    Mistral ``[TOOL_CALLS][{...}, ...]``. Strict: valid JSON, a name among the tools offered, arguments that are an
+    object; anything else around the calls (prose, a quote, a code fence) and they are not calls but text."""
+    text = content.strip()
+    if text.startswith("<tool_call>"):
+        if _HERMES_CALL.sub("", text).strip():
+            return None
+        found, parser = [_json_or_none(part) for part in _HERMES_CALL.findall(text)], "Hermes"
+    elif text.startswith("<|python_tag|>") or text.startswith("{"):
+        found, parser = [_json_or_none(text[len("<|python_tag|>"):] if text.startswith("<") else text)], "Llama 3"
+    elif text.startswith("[TOOL_CALLS]"):
+        listed = _json_or_none(text[len("[TOOL_CALLS]"):])
+        found, parser = (listed if isinstance(listed, list) and listed else [None]), "Mistral"
+    else:
+        return None
+    calls = [_call_of(item, offered, parser) for item in found]
+    return ([call for call in calls if call is not None], parser) if calls and None not in calls else None
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _call_of(item: Any, offered: "set", parser: str) -> Optional[Dict[str, Any]]:
+    """One call in Agno's shape, with a fresh id; None when it is not a call of an offered tool."""
+    if not isinstance(item, dict) or item.get("name") not in offered:
+        return None
+    keys = ("arguments", "parameters") if parser == "Llama 3" else ("arguments",)
+    if parser == "Llama 3" and not any(key in item for key in keys):
+        return None  # a bare JSON answer that merely has a "name" is an answer
+    arguments: Any = next((item[key] for key in keys if key in item), {})
+    if isinstance(arguments, str):
+        arguments = _json_or_none(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return {"id": f"call_{os.urandom(12).hex()}", "type": "function",
+            "function": {"name": item["name"], "arguments": json.dumps(arguments)}}
+
+
+class _CallHold:
+    """In a stream that offered tools, content that may still be tool calls written as text is held back: what
+    starts (but for whitespace) with a marker of one, a part of a marker, or ``{``. Anything else streams as it
+    comes; once it does, nothing more is held."""
+
+    __slots__ = ("held", "_deciding")
+
+    def __init__(self) -> None:
+        self.held = ""
+        self._deciding = True
+
+    def feed(self, text: str) -> str:
+        if not self._deciding:
+            return text
+        self.held += text
+        lead = self.held.lstrip()
+        if not lead or any(lead.startswith(marker) or marker.startswith(lead) for marker in _CALL_MARKERS):
+            return ""
+        return self.release()
+
+    def release(self) -> str:
+        """Nothing more is held; what was held goes out now."""
+        self._deciding = False
+        held, self.held = self.held, ""
+        return held
+
+
 COMPACTION_RESERVE = 0.05  # of the window: what a count may be off by
 COMPACTION_ANSWER_SHARE = 0.125  # of the window: the answer's budget when max_tokens is not set
 FIT_MARGIN_TOKENS = 16
@@ -2307,6 +2385,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     user: Optional[str] = None
     enable_thinking: Optional[bool] = None  # Qwen3-style chat_template_kwargs.enable_thinking
     session_affinity: bool = True  # an Agno session's requests carry a digest of its id (GPUStack's replica affinity)
+    recover_tool_calls: bool = True  # tool calls a deployment without a tool parser leaves as text become tool calls
     strict_output: bool = True
     request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. vLLM's top_k)
     # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
@@ -2502,6 +2581,11 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         self._learn_count(messages, tools, response_format, result.response_usage)
         watch = _AnswerWatch(_thinking_off(body))
         watch.see(result)
+        if self._recoverable(body) and not result.tool_calls and isinstance(result.content, str):
+            calls = self._calls_in(result.content, body)
+            if calls:
+                result.content, result.tool_calls = None, calls
+                watch.tool_calls = True
         self._judge(watch, body)
         if tools and not result.tool_calls and isinstance(result.content, str) and "<tool_call>" in result.content:
             self._warn_tool_markup()
@@ -2541,7 +2625,8 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             assistant_message.metrics.start_timer()
         think = _ThinkSplitter()
         watch = _AnswerWatch(_thinking_off(body))
-        recent = "" if tools else None  # the end of the text so far, to spot tool-call markup cut across chunks
+        hold = _CallHold() if self._recoverable(body) else None
+        recent = "" if tools and hold is None else None  # the end of the text so far, to spot markup cut across chunks
         chunks = self._transport().stream("chat/completions", body, extra=self._affinity(run_response))
         try:
             for chunk in chunks:
@@ -2557,11 +2642,15 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                     reasoning, piece.content = think.feed(piece.content)
                     if reasoning:
                         piece.reasoning_content = (piece.reasoning_content or "") + reasoning
-                if piece.tool_calls:
+                if piece.tool_calls:  # the server parsed the calls: nothing is held from here on
                     recent = None
+                    if hold is not None:
+                        piece.content, hold = (hold.release() + (piece.content or "")) or None, None
                 if piece.response_usage is not None:
                     self._learn_count(messages, tools, response_format, piece.response_usage)
                 watch.see(piece)
+                if hold is not None and piece.content:
+                    piece.content = hold.feed(piece.content) or None
                 yield piece
         finally:
             chunks.close()
@@ -2569,7 +2658,11 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         if reasoning or content:
             last = ModelResponse(content=content or None, reasoning_content=reasoning or None)
             watch.see(last)
+            if hold is not None and last.content:
+                last.content = hold.feed(last.content) or None
             yield last
+        if hold is not None and hold.held:
+            yield self._held_answer(hold.held, body, watch)
         self._judge(watch, body)
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
@@ -2593,6 +2686,34 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 yield piece
         finally:
             await pieces.aclose()  # now, not whenever the garbage collector gets to it
+
+    def _recoverable(self, body: Dict[str, Any]) -> bool:
+        """Whether an answer to this request may hold tool calls written as text: tools were offered, and allowed."""
+        return self.recover_tool_calls and bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+    def _calls_in(self, content: str, body: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+        """The tool calls a model wrote as its whole answer, when its deployment has no (or the wrong) tool parser;
+        warned about once per model, with the deployment's fix."""
+        offered = {tool["function"]["name"] for tool in body["tools"] if isinstance(tool.get("function"), dict)}
+        found = _text_tool_calls(content, offered)
+        if found is None:
+            return None
+        calls, parser = found
+        _warn_once(f"tool text {self.id}", f"GPUStack model {self.id!r} wrote its tool calls as text ({parser} format) "
+                   "and they were taken as tool calls: its deployment needs a tool-call parser. In its Backend "
+                   f"Parameters on GPUStack: vLLM `--enable-auto-tool-choice --tool-call-parser={_PARSERS[parser][0]}`, "
+                   f"SGLang `--tool-call-parser={_PARSERS[parser][1]}`, llama.cpp `--jinja`.")
+        return calls
+
+    def _held_answer(self, held: str, body: Dict[str, Any], watch: "_AnswerWatch") -> ModelResponse:
+        """The end of a stream whose content was held back: its tool calls, as stream pieces; or the text, late."""
+        calls = self._calls_in(held, body)
+        if calls is None:
+            if "<tool_call>" in held:
+                self._warn_tool_markup()
+            return ModelResponse(content=held)
+        watch.tool_calls = True
+        return ModelResponse(tool_calls=[{"index": index, **call} for index, call in enumerate(calls)])
 
     def _warn_tool_markup(self) -> None:
         """SGLang deployed without a tool parser answers 200 with the model's raw markup as text."""
@@ -3775,7 +3896,7 @@ def _check_model(report: _Report, name: str, categories: List[str], client: Dict
         report.checks.append({"check": "skipped", "model": name, "ok": True, "detail": f"{','.join(categories)} model: not "
                               "checked here", "fix": None, "seconds": 0.0})
         return
-    chat = GPUStackChat(id=name, max_tokens=16, **client)
+    chat = GPUStackChat(id=name, max_tokens=16, recover_tool_calls=False, **client)  # doctor reports the deployment
     if not report.run("chat", lambda: _chat_check(chat), name):
         return
     report.run("stream", lambda: _stream_check(chat), name)

@@ -307,8 +307,9 @@ MARKUP_WARNING = (
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_tool_call_markup_without_tool_calls_warns_once_and_keeps_the_text(model, fake, agno_log, monkeypatch, streamed):
+def test_with_recovery_off_tool_call_markup_warns_once_and_keeps_the_text(model, fake, agno_log, monkeypatch, streamed):
     monkeypatch.setattr(gpustack, "_WARNED", set())
+    model.recover_tool_calls = False
     markup = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
     if streamed:
         fake.on("/v1/chat/completions", stream(chunk(markup[:7]), chunk(markup[7:]), chunk(finish="stop"), b"data: [DONE]\n\n"))

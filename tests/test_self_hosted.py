@@ -221,3 +221,160 @@ def test_session_affinity_can_be_turned_off_and_the_users_header_wins(fake):
     GPUStackChat(id="qwen3", base_url=fake.url, session_affinity=False).invoke(user(), run_response=Run())
     GPUStackChat(id="qwen3", base_url=fake.url, headers={"Session-Id": "mine"}).invoke(user(), run_response=Run())
     assert session_headers(fake) == [None, "mine"]
+
+
+# 1. Tool calls written as text #######################################################################################
+
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+HERMES = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'  # SGLang, vLLM hermes
+TWO_HERMES = HERMES + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+LLAMA_TAG = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_BARE = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+MISTRAL = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+STRING_ARGUMENTS = '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>'
+
+
+def answered(content: str):
+    return lambda h, seen: send(h, 200, json.dumps(chat_answer(content)).encode())
+
+
+def calls_of(result) -> List[Any]:
+    return [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in result.tool_calls or ()]
+
+
+@pytest.mark.parametrize("content, calls", [
+    (HERMES, [("get_weather", {"city": "Paris"})]),
+    ("  " + TWO_HERMES + "\n", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+    (LLAMA_TAG, [("get_weather", {"city": "Paris"})]),
+    (LLAMA_BARE, [("get_weather", {"city": "Paris"})]),
+    (MISTRAL, [("get_weather", {"city": "Paris"})]),
+    (STRING_ARGUMENTS, [("get_weather", {"city": "Paris"})]),
+], ids=["hermes", "two-hermes", "llama-tag", "llama-bare", "mistral", "string-arguments"])
+def test_tool_calls_written_as_text_become_tool_calls(fake, content, calls):
+    fake.on("/v1/chat/completions", answered(content))
+    result = GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL)
+    assert (calls_of(result), result.content) == (calls, None)
+    assert all(call["id"].startswith("call_") and call["type"] == "function" for call in result.tool_calls)
+
+
+def test_a_think_block_before_the_calls_is_reasoning_and_the_calls_are_calls(fake):
+    fake.on("/v1/chat/completions", answered("<think>I need the weather.</think>\n\n" + HERMES))
+    result = GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL)
+    assert (calls_of(result), result.reasoning_content) == ([("get_weather", {"city": "Paris"})], "I need the weather.")
+
+
+@pytest.mark.parametrize("content", [
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}</tool_call>',  # not valid JSON
+    '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',  # not a tool offered
+    '<tool_call>{"name": "get_weather", "arguments": ["Paris"]}</tool_call>',  # arguments not an object
+    '<tool_call>{"name": "get_weather", "arguments": "Paris"}</tool_call>',  # a string that holds no object
+    "To get the weather I would call " + HERMES,  # inside prose
+    "```\n" + HERMES + "\n```",  # inside a code fence
+    "> " + HERMES,  # inside a quote
+    HERMES + " and that is how you call it.",  # followed by prose
+    '{"name": "get_weather"}',  # a JSON answer that only has a name
+    '[TOOL_CALLS]{"name": "get_weather", "arguments": {}}',  # Mistral's list missing
+], ids=["bad-json", "unknown-name", "list-arguments", "string-no-object", "prose", "fence", "quote", "trailing",
+        "bare-name", "mistral-no-list"])
+def test_text_that_is_not_exactly_tool_calls_stays_text(fake, content):
+    fake.on("/v1/chat/completions", answered(content))
+    result = GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL)
+    assert (result.tool_calls, result.content) == ([], content)
+
+
+def test_never_when_tool_choice_is_none_or_no_tool_was_offered_or_recovery_is_off(fake):
+    fake.on("/v1/chat/completions", answered(HERMES))
+    model = GPUStackChat(id="qwen3", base_url=fake.url)
+    assert model.invoke(user(), tools=WEATHER_TOOL, tool_choice="none").content == HERMES
+    assert model.invoke(user()).content == HERMES
+    assert GPUStackChat(id="qwen3", base_url=fake.url, recover_tool_calls=False).invoke(user(), tools=WEATHER_TOOL).content == HERMES
+
+
+def test_a_recovery_is_warned_about_once_per_model_with_the_deployment_fix(fake, agno_log, monkeypatch):
+    monkeypatch.setattr(gpustack, "_WARNED", set())
+    fake.on("/v1/chat/completions", answered(MISTRAL))
+    model = GPUStackChat(id="mistral-small", base_url=fake.url)
+    for _ in range(2):
+        model.invoke(user(), tools=WEATHER_TOOL)
+    assert agno_log == [
+        "GPUStack model 'mistral-small' wrote its tool calls as text (Mistral format) and they were taken as tool calls: "
+        "its deployment needs a tool-call parser. In its Backend Parameters on GPUStack: vLLM "
+        "`--enable-auto-tool-choice --tool-call-parser=mistral`, SGLang `--tool-call-parser=mistral`, llama.cpp `--jinja`."
+    ]
+
+
+def test_in_a_stream_only_what_may_become_a_call_is_held_back(fake):
+    release = __import__("threading").Event()
+
+    def prose_then_wait(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.end_headers()
+        h.wfile.write(b"data: " + json.dumps(chunk("It is ")).encode() + b"\n\n")
+        h.wfile.flush()
+        release.wait(5)
+        h.wfile.write(b"data: " + json.dumps(chunk("sunny.", "stop")).encode() + b"\n\ndata: [DONE]\n\n")
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", prose_then_wait)
+    pieces = GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL)
+    first = next(piece for piece in pieces if piece.content)
+    release.set()
+    assert first.content == "It is " and "".join(piece.content or "" for piece in pieces) == "sunny."
+
+
+@pytest.mark.parametrize("content", [HERMES, MISTRAL, LLAMA_TAG])
+def test_a_streamed_call_written_as_text_comes_out_as_a_tool_call(fake, content):
+    cuts = [content[:5], content[5:17], content[17:]]
+    fake.on("/v1/chat/completions", stream(*[chunk(cut) for cut in cuts], chunk(finish="stop"), b"data: [DONE]\n\n"))
+    model = GPUStackChat(id="qwen3", base_url=fake.url)
+    pieces = list(model.invoke_stream(user(), tools=WEATHER_TOOL))
+    assert not any(piece.content for piece in pieces)
+    merged = model.parse_tool_calls([call for piece in pieces for call in piece.tool_calls or ()])
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in merged] == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_held_stream_that_is_no_call_comes_out_as_text_at_its_end(fake):
+    text = '{"answer": "sunny"}'
+    fake.on("/v1/chat/completions", stream(chunk(text[:4]), chunk(text[4:], "stop"), b"data: [DONE]\n\n"))
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL))
+    assert "".join(piece.content or "" for piece in pieces) == text
+
+
+def agent_with_markup(fake, streamed_server: bool):
+    """SGLang without --tool-call-parser: the call as markup in content; then the answer from the tool's result."""
+
+    def respond(h, seen):
+        results = [m for m in seen.json["messages"] if m["role"] == "tool"]
+        answer = f"It is {results[0]['content']}." if results else HERMES
+        if streamed_server:
+            return stream(chunk(answer[:9]), chunk(answer[9:], "stop"), b"data: [DONE]\n\n")(h, seen)
+        send(h, 200, json.dumps(chat_answer(answer)).encode())
+
+    fake.on("/v1/chat/completions", respond)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["run", "arun"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_an_agent_runs_the_tool_a_model_wrote_as_text_and_answers_with_its_result(fake, use_async, streamed):
+    from agno.agent import Agent
+
+    agent_with_markup(fake, streamed)
+    ran: List[str] = []
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return f"sunny in {city}"
+
+    agent = Agent(model=GPUStackChat(id="qwen3", base_url=fake.url), tools=[get_weather], telemetry=False)
+    if streamed:
+        async def events() -> List[Any]:
+            return [event async for event in agent.arun("Weather in Paris?", stream=True)]
+
+        seen = asyncio.run(events()) if use_async else list(agent.run("Weather in Paris?", stream=True))
+        content = "".join(e.content for e in seen if getattr(e, "event", "") == "RunContent" and isinstance(e.content, str))
+    else:
+        content = (asyncio.run(agent.arun("Weather in Paris?")) if use_async else agent.run("Weather in Paris?")).content
+    assert ran == ["Paris"] and content == "It is sunny in Paris."
