@@ -256,41 +256,27 @@ CLIENT_OPTIONS = tuple(option.name for option in dataclasses.fields(_ClientOptio
 
 
 def _client_options(given: Dict[str, Any], **defaults: Any) -> _ClientOptions:
-    """The client options among keyword arguments (taken out of ``given``); any other name is a clear error."""
+    """The client options among keyword arguments, taken out of ``given`` (what is left is the caller's); a default
+    here replaces an option given as None."""
     options = {name: given.pop(name) for name in CLIENT_OPTIONS if name in given}
     for name, value in defaults.items():
-        options.setdefault(name, value)
+        if options.get(name) is None:
+            options[name] = value
     client = _ClientOptions(**options)
     client._resolve_client_options()
     return client
+
+
+def _no_other_options(given: Dict[str, Any], function: str) -> None:
+    if given:
+        raise TypeError(f"{function}() got an unexpected keyword argument {next(iter(given))!r}; client options are: "
+                        f"{', '.join(CLIENT_OPTIONS)}")
 
 
 def _checked_count(name: str, value: Any) -> Optional[int]:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     return value
-
-
-def _learned(**stored_as: str) -> Callable[[Type[T]], Type[T]]:
-    """A dataclass whose ``cls(name=value)`` fills the field ``stored_as[name]``: for values that are properties
-    learned from the server when not given (``dimensions``, ``context_window``). As properties, not fields, they
-    stay out of ``dataclasses.asdict``, ``replace``, ``==`` and ``repr``, which must never touch the network."""
-
-    def decorate(cls: Type[T]) -> Type[T]:
-        generated = cls.__init__
-
-        @functools.wraps(generated)
-        def __init__(self: Any, *args: Any, **fields: Any) -> None:
-            for name, stored in stored_as.items():
-                value = fields.pop(name, None)
-                if value is not None:
-                    fields[stored] = value
-            generated(self, *args, **fields)
-
-        cls.__init__ = __init__  # type: ignore[method-assign]
-        return cls
-
-    return decorate
 
 
 def _error_text(body: bytes, content_type: str = "") -> Tuple[str, Optional[str]]:
@@ -531,9 +517,6 @@ def _server_failure(status: int, words: str, code: Optional[str], where: str, se
         failure.where = f"HTTP {failure.backend_status} from the model's backend, relayed by GPUStack as {where}"
         if failure.words != words:  # the backend's own words: its status is the one that counts
             failure.status = status = failure.backend_status
-        elif failure.backend_status < 500:
-            failure.hint = "The model's backend rejected the request itself; retrying cannot help."
-            return failure
     overflow = _context_overflow(failure.words, raw)
     if overflow is not None:
         failure.hint, failure.retry, failure.kind = _context_hint(*overflow), False, ContextWindowExceededError
@@ -547,6 +530,8 @@ def _server_failure(status: int, words: str, code: Optional[str], where: str, se
         failure.topic = OTHER_TASK if fix.endswith(_OTHER_TASK_HINT) else None
         return failure
     failure.hint, failure.topic = _error_hint(status, failure.words, settings, location)
+    if failure.backend_status is not None and failure.backend_status < 500 and status == 503:
+        failure.hint = "The model's backend rejected the request itself; retrying cannot help."
     return failure
 
 
@@ -557,6 +542,24 @@ def _http_failure(status: int, reason: str, headers: Any, body: bytes, method: s
     location = headers.get("Location") if headers is not None else None
     where = f"HTTP {status} from {method} {_redact_url(url)}"
     return _server_failure(status, words, code, where, settings, body.decode("utf-8", "replace"), location, path)
+
+
+class _ConnectTimeout(socket.timeout):
+    """Opening the connection (TCP, proxy tunnel, TLS) took longer than connect_timeout."""
+
+
+def _address_text(where: Tuple[Any, ...]) -> str:
+    host, port = where[0], where[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _Unreachable(OSError):
+    """No address of a host took the connection; ``tried`` names each, in order, with its failure."""
+
+    def __init__(self, tried: List[Tuple[str, OSError]]) -> None:
+        self.tried = tried
+        self.timed_out = any(isinstance(error, socket.timeout) for _, error in tried)
+        super().__init__(f"{tried[-1][1]} (tried {', '.join(address for address, _ in tried)})")
 
 
 def _connection_failure(exc: BaseException, method: str, url: str, settings: _Settings) -> _Failure:
@@ -649,15 +652,13 @@ def _retry_delay(attempt: int, headers: Any = None) -> Optional[float]:
     return delay * (1 - 0.25 * random.random())
 
 
-# Transport: connections, request, retry ######################################
+# Transport: connections ######################################################
 
 
 class _Aborted(Exception):
     """The caller went away (task cancelled, stream closed); the request was torn down."""
 
 
-class _ConnectTimeout(socket.timeout):
-    """Opening the connection (TCP, proxy tunnel, TLS) took longer than connect_timeout."""
 
 
 class _CallGuard:
@@ -876,20 +877,6 @@ def _no_delay(sock: socket.socket) -> None:
             pass
 
 
-def _address_text(where: Tuple[Any, ...]) -> str:
-    host, port = where[0], where[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-class _Unreachable(OSError):
-    """No address of a host took the connection; ``tried`` names each, in order, with its failure."""
-
-    def __init__(self, tried: List[Tuple[str, OSError]]) -> None:
-        self.tried = tried
-        self.timed_out = any(isinstance(error, socket.timeout) for _, error in tried)
-        super().__init__(f"{tried[-1][1]} (tried {', '.join(address for address, _ in tried)})")
-
-
 def _open_socket(address: Tuple[str, int], timeout: Any = None, source_address: Any = None, *_: Any) -> socket.socket:
     """``socket.create_connection`` as urllib3 does it: each address the name resolves to, in turn, each
     within the connect timeout, so a host whose first address is unreachable (often its IPv6 one) still
@@ -1070,7 +1057,9 @@ class _KeepAliveHandler(urllib.request.AbstractHTTPHandler):
 
     def _new_connection(self, conn_class: Type[http.client.HTTPConnection], req: urllib.request.Request,
                         tunnel: Optional[str], tunnel_headers: Dict[str, str]) -> http.client.HTTPConnection:
-        conn = conn_class(req.host, timeout=req.timeout)
+        # An HTTPSConnection given no context builds one, loading the CA store: ~20 ms a new connection.
+        extra = {"context": self.tls_context} if conn_class is _HTTPSConnection else {}
+        conn = conn_class(req.host, timeout=req.timeout, **extra)  # type: ignore[arg-type]
         conn.connect_timeout = getattr(req, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)  # type: ignore[attr-defined]
         if isinstance(conn, _HTTPSConnection):
             conn.tls_context = self.tls_context
@@ -1141,6 +1130,134 @@ def close_connections(base_url: Optional[str] = None) -> None:
         handlers = [handler for _, handler in _OPENERS.values()]
     for handler in handlers:
         handler.pool.close(host)
+
+
+# Transport: server-sent events ###############################################
+# The rules are the WHATWG event-stream algorithm:
+# https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+
+
+class _SSETooLarge(Exception):
+    pass
+
+
+class _SSELines:
+    """Bytes in, whole lines out (without their ending); no I/O, no event rules.
+
+    Lines end in ``\\n``, ``\\r\\n`` or ``\\r``. A ``\\r`` at the end of a block may be the first
+    half of ``\\r\\n``, so a ``\\n`` opening the next block is skipped. An unfinished line is
+    held as a list of pieces, each counted once, so a long line arriving in many small reads
+    costs its length, not its length squared.
+    """
+
+    __slots__ = ("_held", "_held_bytes", "_after_cr")
+
+    def __init__(self) -> None:
+        self._held: List[bytes] = []
+        self._held_bytes = 0
+        self._after_cr = False
+
+    def feed(self, block: bytes) -> List[bytes]:
+        if self._after_cr and block[:1] == b"\n":
+            block = block[1:]
+        self._after_cr = False
+        if not block:
+            return []
+        lines = block.splitlines(True)
+        unfinished = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else None
+        if lines:
+            self._after_cr = lines[-1].endswith(b"\r") and unfinished is None
+            if self._held:
+                lines[0] = b"".join(self._held) + lines[0]
+                self._held, self._held_bytes = [], 0
+        if unfinished is not None:
+            self._held.append(unfinished)
+            self._held_bytes += len(unfinished)
+            if self._held_bytes > MAX_SSE_LINE_BYTES:
+                raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
+        return [line.rstrip(b"\r\n") for line in lines]
+
+    def close(self) -> List[bytes]:
+        """At end of stream, a last line without its ending still counts."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        return [b"".join(held)] if held else []
+
+
+class _SSEDecoder:
+    """Bytes in, ``(event type, data)`` out, one event as soon as its closing blank line arrives.
+
+    Comment lines are ignored, several ``data:`` lines are joined with ``\\n``, events without
+    data are skipped. Tolerated gateway bug: a bare ``{...}`` line is an event of its own.
+    Caps: one line (``_SSELines``), one event's data, and the bytes of complete lines in a row
+    that carry no data (comments, empty events), which is a stream that says nothing.
+    """
+
+    __slots__ = ("_lines", "_data", "_size", "_event", "_silent", "last_event_id", "retry")
+
+    def __init__(self) -> None:
+        self._lines = _SSELines()
+        self._data: List[str] = []
+        self._size = 0
+        self._event = ""
+        self._silent = 0
+        self.last_event_id = ""
+        self.retry: Optional[int] = None
+
+    def feed(self, block: bytes) -> List[Tuple[str, str]]:
+        return self._decode(self._lines.feed(block))
+
+    def close(self) -> List[Tuple[str, str]]:
+        """At end of stream: a last unterminated line counts; an event without its blank line does not."""
+        return self._decode(self._lines.close())
+
+    def _decode(self, lines: List[bytes]) -> List[Tuple[str, str]]:
+        events: List[Tuple[str, str]] = []
+        for raw in lines:
+            event = self._line(raw.decode("utf-8", "replace"), len(raw))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str, size: int) -> Optional[Tuple[str, str]]:
+        if line[:1] == "{" and not self._data:
+            self._silent = 0
+            return (self._event, line)
+        name, _, value = line.partition(":")
+        if name == "data" and line:
+            if value[:1] == " ":
+                value = value[1:]
+            self._silent = 0
+            self._size += len(value)
+            if self._size > MAX_SSE_EVENT_BYTES:
+                raise _SSETooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES} bytes")
+            self._data.append(value)
+            return None
+        self._silent += size + 1
+        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:
+            raise _SSETooLarge(f"more than {MAX_SSE_BYTES_WITHOUT_DATA} bytes of comments and empty events without any data")
+        if not line:
+            return self._dispatch()
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif name == "retry":
+            if value.isdigit():
+                self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Optional[Tuple[str, str]]:
+        data, event = self._data, self._event
+        self._data, self._event, self._size = [], "", 0
+        if not data:
+            return None
+        return (event, "\n".join(data))
+
+
+# Transport: the call, its retries, its answer ################################
 
 
 class _Malformed(Exception):
@@ -1422,131 +1539,6 @@ def _has_finish_reason(chunk: Dict[str, Any]) -> bool:
     return False
 
 
-# Transport: server-sent events ###############################################
-# The rules are the WHATWG event-stream algorithm:
-# https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
-
-
-class _SSETooLarge(Exception):
-    pass
-
-
-class _SSELines:
-    """Bytes in, whole lines out (without their ending); no I/O, no event rules.
-
-    Lines end in ``\\n``, ``\\r\\n`` or ``\\r``. A ``\\r`` at the end of a block may be the first
-    half of ``\\r\\n``, so a ``\\n`` opening the next block is skipped. An unfinished line is
-    held as a list of pieces, each counted once, so a long line arriving in many small reads
-    costs its length, not its length squared.
-    """
-
-    __slots__ = ("_held", "_held_bytes", "_after_cr")
-
-    def __init__(self) -> None:
-        self._held: List[bytes] = []
-        self._held_bytes = 0
-        self._after_cr = False
-
-    def feed(self, block: bytes) -> List[bytes]:
-        if self._after_cr and block[:1] == b"\n":
-            block = block[1:]
-        self._after_cr = False
-        if not block:
-            return []
-        lines = block.splitlines(True)
-        unfinished = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else None
-        if lines:
-            self._after_cr = lines[-1].endswith(b"\r") and unfinished is None
-            if self._held:
-                lines[0] = b"".join(self._held) + lines[0]
-                self._held, self._held_bytes = [], 0
-        if unfinished is not None:
-            self._held.append(unfinished)
-            self._held_bytes += len(unfinished)
-            if self._held_bytes > MAX_SSE_LINE_BYTES:
-                raise _SSETooLarge(f"a line longer than {MAX_SSE_LINE_BYTES} bytes without a line end")
-        return [line.rstrip(b"\r\n") for line in lines]
-
-    def close(self) -> List[bytes]:
-        """At end of stream, a last line without its ending still counts."""
-        held, self._held, self._held_bytes = self._held, [], 0
-        return [b"".join(held)] if held else []
-
-
-class _SSEDecoder:
-    """Bytes in, ``(event type, data)`` out, one event as soon as its closing blank line arrives.
-
-    Comment lines are ignored, several ``data:`` lines are joined with ``\\n``, events without
-    data are skipped. Tolerated gateway bug: a bare ``{...}`` line is an event of its own.
-    Caps: one line (``_SSELines``), one event's data, and the bytes of complete lines in a row
-    that carry no data (comments, empty events), which is a stream that says nothing.
-    """
-
-    __slots__ = ("_lines", "_data", "_size", "_event", "_silent", "last_event_id", "retry")
-
-    def __init__(self) -> None:
-        self._lines = _SSELines()
-        self._data: List[str] = []
-        self._size = 0
-        self._event = ""
-        self._silent = 0
-        self.last_event_id = ""
-        self.retry: Optional[int] = None
-
-    def feed(self, block: bytes) -> List[Tuple[str, str]]:
-        return self._decode(self._lines.feed(block))
-
-    def close(self) -> List[Tuple[str, str]]:
-        """At end of stream: a last unterminated line counts; an event without its blank line does not."""
-        return self._decode(self._lines.close())
-
-    def _decode(self, lines: List[bytes]) -> List[Tuple[str, str]]:
-        events: List[Tuple[str, str]] = []
-        for raw in lines:
-            event = self._line(raw.decode("utf-8", "replace"), len(raw))
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _line(self, line: str, size: int) -> Optional[Tuple[str, str]]:
-        if line[:1] == "{" and not self._data:
-            self._silent = 0
-            return (self._event, line)
-        name, _, value = line.partition(":")
-        if name == "data" and line:
-            if value[:1] == " ":
-                value = value[1:]
-            self._silent = 0
-            self._size += len(value)
-            if self._size > MAX_SSE_EVENT_BYTES:
-                raise _SSETooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES} bytes")
-            self._data.append(value)
-            return None
-        self._silent += size + 1
-        if self._silent > MAX_SSE_BYTES_WITHOUT_DATA:
-            raise _SSETooLarge(f"more than {MAX_SSE_BYTES_WITHOUT_DATA} bytes of comments and empty events without any data")
-        if not line:
-            return self._dispatch()
-        if value[:1] == " ":
-            value = value[1:]
-        if name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self.last_event_id = value
-        elif name == "retry":
-            if value.isdigit():
-                self.retry = int(value)
-        return None
-
-    def _dispatch(self) -> Optional[Tuple[str, str]]:
-        data, event = self._data, self._event
-        self._data, self._event, self._size = [], "", 0
-        if not data:
-            return None
-        return (event, "\n".join(data))
-
-
 # Transport: async ############################################################
 
 
@@ -1759,13 +1751,17 @@ class _Raised:
 
 # The deployment ##############################################################
 # What the module learns about a server and its models: which models run, under which categories,
-# each one's meta (context window, voices, ...), and what GPUStack's management API says of a model
-# that isn't running. Learned lazily, never on the way of a call that succeeds; cached per server
-# (and key: what a key may see differs) for DEPLOYMENT_TTL seconds; each lookup bounded in time and
-# never retried. A lookup that fails tells nothing: the call's own error stays as it was.
+# each one's meta (context window, voices, ...), how its server counts tokens, and what GPUStack's
+# management API says of a model that isn't running. Learned lazily: after a call fails, when asked
+# (list_models, doctor), and once per model where a call needs it (a window for max_tokens or
+# truncate=True, a speech model's voices). Cached per server (and key: what a key may see differs)
+# for DEPLOYMENT_TTL seconds; each lookup bounded in time and never retried. A lookup that fails
+# tells nothing: the call's own error stays as it was.
 
 DEPLOYMENT_TTL = 10.0  # seconds a lookup's answer is taken as still true
 LOOKUP_SECONDS = 2.0  # what explaining a failed call may add to it, at most
+WINDOW_RETRY_SECONDS = 300.0  # a window lookup that failed is asked again after this long
+MAX_DEPLOYMENTS = 64  # servers (and keys) whose facts are kept; the least recently used go
 MODEL_CATEGORIES = ("llm", "embedding", "image", "reranker", "speech_to_text", "text_to_speech", "unknown")
 _CLASS_FOR = {"llm": "GPUStackChat", "embedding": "GPUStackEmbeddings", "reranker": "GPUStackRerank"}
 
@@ -1871,25 +1867,30 @@ class _Deployment:
     def __init__(self, settings: _Settings) -> None:
         self.settings = dataclasses.replace(settings, max_retries=0, model_name="GPUStack lookup", model_id=None)
         self._answers: Dict[str, Tuple[float, Any]] = {}  # by path: (when, the list or the error it gave)
-        self._windows: Dict[str, int] = {}  # by model: its context window, once its meta named it
+        self._windows: Dict[str, Tuple[Optional[int], float]] = {}  # by model: (window, 0 or None; when asked)
+        self._window_lock = threading.Lock()
         self._overflows: Dict[str, int] = {}  # by model: the window its first context-window error named
         self._calibrations: Dict[str, _TokenCalibration] = {}  # by model: how its server counts tokens
         self._lock = threading.Lock()
 
-    def ask(self, path: str, expect: str, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> List[Any]:
+    def ask(self, path: str, expect: str, seconds: float = LOOKUP_SECONDS, fresh: bool = False,
+            connect_timeout: Optional[float] = None) -> List[Any]:
         """The ``expect`` list of a GET, from the cache while it is fresh; one request within ``seconds`` otherwise.
         A failure is kept as long as an answer, so a server that can't tell costs one lookup per DEPLOYMENT_TTL."""
         with self._lock:
             known = self._answers.get(path)
         if known is not None and not fresh and time.monotonic() - known[0] < DEPLOYMENT_TTL:
-            if isinstance(known[1], ModelProviderError):
-                raise known[1]
+            if isinstance(known[1], ModelProviderError):  # a new error each time: a raised one grows its traceback
+                raise _provider_error(known[1].message, known[1].status_code, self.settings, type(known[1]))
             return known[1]
         seconds = max(0.1, seconds)
-        settings = dataclasses.replace(self.settings, timeout=seconds, connect_timeout=min(seconds, self.settings.connect_timeout))
+        connect = min(seconds, connect_timeout or self.settings.connect_timeout)
+        settings = dataclasses.replace(self.settings, timeout=seconds, connect_timeout=connect)
         try:
             items: Any = _Transport(settings).call("GET", path, expect=expect)[expect]
         except ModelProviderError as error:
+            if seconds < LOOKUP_SECONDS and _no_answer(error):
+                raise  # a budget cut short tells nothing of the server: not kept
             items = error
         with self._lock:
             self._answers[path] = (time.monotonic(), items)
@@ -1898,21 +1899,24 @@ class _Deployment:
         return items
 
     def models(self, categories: Sequence[str] = (), with_meta: bool = False, seconds: float = LOOKUP_SECONDS,
-               fresh: bool = False) -> List[Dict[str, Any]]:
+               fresh: bool = False, connect_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
         """GPUStack's items for the running models (of these categories), with their ``meta`` when asked."""
         query = [("categories", category) for category in categories] + ([("with_meta", "true")] if with_meta else [])
         path = "models" + ("?" + urllib.parse.urlencode(query) if query else "")
-        return [item for item in self.ask(path, "data", seconds, fresh) if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        items = self.ask(path, "data", seconds, fresh, connect_timeout)
+        return [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
     def running(self, category: Optional[str] = None, seconds: float = LOOKUP_SECONDS) -> List[str]:
         return [item["id"] for item in self.models([category] if category else (), seconds=seconds)]
 
-    def categories(self, seconds: float = LOOKUP_SECONDS, fresh: bool = False) -> Dict[str, List[str]]:
+    def categories(self, seconds: float = LOOKUP_SECONDS, fresh: bool = False,
+                   connect_timeout: Optional[float] = None) -> Dict[str, List[str]]:
         """Each running model's categories, asked one category at a time (GPUStack's items don't carry them)."""
         deadline = time.monotonic() + seconds
         found: Dict[str, List[str]] = {}
         for category in MODEL_CATEGORIES:
-            for item in self.models([category], seconds=deadline - time.monotonic(), fresh=fresh):
+            for item in self.models([category], seconds=deadline - time.monotonic(), fresh=fresh,
+                                    connect_timeout=connect_timeout):
                 found.setdefault(item["id"], []).append(category)
         return found
 
@@ -1927,20 +1931,19 @@ class _Deployment:
         return [str(voice) for voice in self.meta(model, seconds).get("voices") or ()]
 
     def window(self, model: str) -> Optional[int]:
-        """A model's context window in tokens: what its meta names (learned once), else what its first
-        context-window error named, else None. Never raises: a lookup that fails is a window not known."""
-        with self._lock:
+        """A model's context window in tokens: what its meta names, else what its first context-window error
+        named, else None. Learned once: a meta without one is kept as none; a lookup that fails is asked
+        again only after WINDOW_RETRY_SECONDS. Never raises; one thread asks while the others wait."""
+        with self._window_lock:
             known = self._windows.get(model)
-        if known is not None:
-            return known
-        try:
-            found = _window_of(self.meta(model))
-        except ModelProviderError:
-            found = None
+            if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
+                try:
+                    known = (_window_of(self.meta(model)) or 0, 0.0)  # 0: the meta names none, for good
+                except ModelProviderError:
+                    known = (None, time.monotonic())
+                self._windows[model] = known
         with self._lock:
-            if found is not None:
-                self._windows[model] = found
-            return found if found is not None else self._overflows.get(model)
+            return known[0] or self._overflows.get(model)
 
     def calibration(self, model: str) -> _TokenCalibration:
         with self._lock:
@@ -2051,18 +2054,34 @@ def _instance_state(instance: Dict[str, Any]) -> str:
     return f"{name} is {state}" + (f": {message}" if message else "")
 
 
-_DEPLOYMENTS: Dict[Tuple[Any, ...], _Deployment] = {}
+_DEPLOYMENTS: "collections.OrderedDict[Tuple[Any, ...], _Deployment]" = collections.OrderedDict()
 _DEPLOYMENTS_LOCK = threading.Lock()
 
 
 def _deployment(settings: _Settings) -> _Deployment:
-    """The one ``_Deployment`` of a server and key, shared by every model, list_models, diagnose and the CLI."""
+    """The one ``_Deployment`` of a server and key, shared by every model, list_models, diagnose and the CLI;
+    at most MAX_DEPLOYMENTS are kept (per-user keys or per-request headers would grow it without end)."""
     key = (settings.root, settings.api_key, settings.verify, settings.headers)
-    found = _DEPLOYMENTS.get(key)
-    if found is None:
-        with _DEPLOYMENTS_LOCK:
-            found = _DEPLOYMENTS.setdefault(key, _Deployment(settings))
+    with _DEPLOYMENTS_LOCK:
+        found = _DEPLOYMENTS.get(key)
+        if found is None:
+            found = _DEPLOYMENTS[key] = _Deployment(settings)
+            while len(_DEPLOYMENTS) > MAX_DEPLOYMENTS:
+                _DEPLOYMENTS.popitem(last=False)
+        else:
+            _DEPLOYMENTS.move_to_end(key)
     return found
+
+
+def _forget_deployments_after_fork() -> None:
+    """In a forked child, a lock a parent thread held at fork time would never be released: start afresh."""
+    global _DEPLOYMENTS_LOCK
+    _DEPLOYMENTS_LOCK = threading.Lock()
+    _DEPLOYMENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_deployments_after_fork)
 
 
 class _Client(_Transport):
@@ -2093,12 +2112,45 @@ def _client_of(owner: Any, model_name: str) -> _Client:
     return client
 
 
+def _taking_learned_names(init: Callable[..., None], kept_in: Dict[str, str]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **fields: Any) -> None:
+        for name, field_name in kept_in.items():
+            value = fields.pop(name, None)
+            if value is not None:
+                fields[field_name] = value
+        init(self, *args, **fields)
+
+    __init__.takes_learned_names = True  # type: ignore[attr-defined]
+    return __init__
+
+
 @dataclass
 class _Windowed:
-    """``context_window`` for the model classes: ``context_window=N`` is kept in ``requested_context_window``;
-    unset, it is learned from the deployment. A property, not a field, so copying a model never asks."""
+    """What the dataclass models share past their client options: their start, and ``context_window``
+    (``context_window=N`` is kept in ``requested_context_window``; unset, it is learned from the deployment;
+    a property, not a field, so copying a model never asks)."""
 
     requested_context_window: Optional[int] = field(default=None, repr=False)
+    # Values that are properties learned from the server when not given: ``cls(name=value)`` fills the field
+    # they are kept in. As properties, not fields, they stay out of dataclasses.asdict, replace, == and repr,
+    # which must never touch the network.
+    _KEPT_IN: ClassVar[Dict[str, str]] = {"context_window": "requested_context_window"}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # @dataclass writes each (sub)class's __init__ after the class exists: it is taught the names here,
+        # at the first instance of the class, before Python calls it.
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "takes_learned_names", False):
+            cls.__init__ = _taking_learned_names(init, cls._KEPT_IN)  # type: ignore[method-assign]
+        return super().__new__(cls)
+
+    def _start_client(self) -> None:
+        """Every setting checked at construction, not at the first call; the client built once."""
+        self.requested_context_window = _checked_count("context_window", self.requested_context_window)
+        self._resolve_client_options()  # type: ignore[attr-defined]
+        self._client_cache: Optional[Tuple[Any, _Client]] = None
+        self._transport()  # type: ignore[attr-defined]
 
     @property
     def context_window(self) -> Optional[int]:
@@ -2354,7 +2406,6 @@ _REQUEST_FIELDS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "p
                    "logprobs", "top_logprobs", "user")
 
 
-@_learned(context_window="requested_context_window")
 @dataclass
 class GPUStackChat(_ClientOptions, _Windowed, Model):
     """A chat model served by GPUStack, for Agno agents.
@@ -2392,10 +2443,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.requested_context_window = _checked_count("context_window", self.requested_context_window)
-        self._resolve_client_options()
-        self._client_cache: Optional[Tuple[Any, _Client]] = None
-        self._transport()  # every setting is checked now, not at the first call
+        self._start_client()
 
     # -- transport --------------------------------------------------------------
 
@@ -2425,9 +2473,10 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         """An Agno ``Compaction`` sized for this deployment: ``Agent(model=m, compaction=m.compaction(), db=...)``.
 
         It folds the history before a request reaches the window: at the window, less the answer's budget
-        (``answer_tokens``, else ``max_tokens``, else a share of the window), less a ``reserve`` share; counted
-        with this model's own count_tokens; with Agno's overflow recovery as the backstop. Other ``Compaction``
-        options pass through. With the window unknown, it says so once and gives Agno's reactive compaction.
+        (``answer_tokens``, else ``max_tokens``, else a share of the window; at most half of it), less a ``reserve``
+        share; counted with this model's own count_tokens; with Agno's overflow recovery as the backstop. Any
+        ``Compaction`` option given wins over these. With the window unknown, it says so once and gives Agno's
+        reactive compaction.
         """
         from agno.compaction.compaction import Compaction
 
@@ -2436,11 +2485,12 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             _warn_once(f"window {self.id}", f"GPUStack model {self.id!r}: its context window is not known (GPUStack lists "
                        "no max_model_len for it), so history is folded only after a request is refused as too long. "
                        "Set context_window=N on GPUStackChat to fold before.")
-            return Compaction(compact_at_tokens=None, on_context_overflow=True, **options)
-        answer = answer_tokens or self.max_tokens or int(window * COMPACTION_ANSWER_SHARE)
+            return Compaction(**{"compact_at_tokens": None, "on_context_overflow": True, **options})
+        # A max_tokens above half the window is lowered to fit each request anyway (_fit_max_tokens).
+        answer = min(answer_tokens or self.max_tokens or int(window * COMPACTION_ANSWER_SHARE), window // 2)
         at = max(1, window - answer - int(window * reserve))
-        options.setdefault("on_context_overflow", True)
-        return Compaction(compact_at_tokens=at, use_model_token_count=True, **options)
+        counted = {} if "token_counter" in options else {"use_model_token_count": True}
+        return Compaction(**{"compact_at_tokens": at, "on_context_overflow": True, **counted, **options})
 
     def _calibration(self) -> _TokenCalibration:
         return _deployment(self._transport().settings).calibration(self.id)
@@ -2469,7 +2519,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         body[name] = room
         _warn_once(f"fit {self.id}", f"GPUStack model {self.id!r} has a context window of {window} tokens: "
                    f"{name}={wanted} cannot fit beside the prompt, so it was lowered (to {room} for this request). "
-                   f"Set {name} below {window} to silence this.")
+                   f"A {name} that leaves room for the prompt is sent as it is.")
 
     def to_dict(self) -> Dict[str, Any]:
         """The model's settings without secrets: ``model.to_dict()``."""
@@ -2967,6 +3017,16 @@ def _plain_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
 # Embeddings ##################################################################
 
 EMBED_BATCH_CONCURRENCY = 4  # batches in flight at once when embedding many texts
+_PROBE_LOCK = threading.Lock()
+
+
+def _new_probe_lock_after_fork() -> None:
+    global _PROBE_LOCK
+    _PROBE_LOCK = threading.Lock()  # one a parent thread held at fork time would never be released here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_probe_lock_after_fork)
 
 
 def _check_texts(texts: Any) -> List[str]:
@@ -3003,7 +3063,6 @@ def _vector(raw: Any) -> List[float]:
     return raw
 
 
-@_learned(dimensions="requested_dimensions", context_window="requested_context_window")
 @dataclass
 class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
     """Embeddings from a GPUStack model, also an Agno ``Embedder`` for knowledge bases.
@@ -3021,6 +3080,7 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
     id: str = ""
     dimensions: ClassVar[Any]  # type: ignore[misc]  # a property (below), not the field Embedder declares: reading it may probe
     requested_dimensions: Optional[int] = field(default=None, repr=False)  # what dimensions=N asked for
+    _KEPT_IN: ClassVar[Dict[str, str]] = {"context_window": "requested_context_window", "dimensions": "requested_dimensions"}
     encoding_format: str = "float"  # or "base64"
     user: Optional[str] = None
     request_params: Optional[Dict[str, Any]] = None
@@ -3034,19 +3094,17 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
         if self.encoding_format not in ("float", "base64"):
             raise ValueError(f"encoding_format must be 'float' or 'base64', got {self.encoding_format!r}")
         self.requested_dimensions = _checked_count("dimensions", self.requested_dimensions)
-        self.requested_context_window = _checked_count("context_window", self.requested_context_window)
-        self._resolve_client_options()
-        self._client_cache: Optional[Tuple[Any, _Client]] = None
         self._learned_dimensions: Optional[int] = None
-        self._transport()
+        self._start_client()
 
     @property  # type: ignore[no-redef]
     def dimensions(self) -> int:
         """The vectors' size: ``dimensions=N`` as given, else learned from the server with one probe, once."""
         if self.requested_dimensions is not None:
             return self.requested_dimensions
-        if self._learned_dimensions is None:
-            self._learned_dimensions = self._probe_dimensions()
+        with _PROBE_LOCK:  # threads reading it at once make one probe (a module lock: deepcopy can't copy a lock)
+            if self._learned_dimensions is None:
+                self._learned_dimensions = self._probe_dimensions()
         return self._learned_dimensions
 
     @dimensions.setter
@@ -3085,8 +3143,9 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
     def _truncation(self) -> int:
         """Where the server cuts a text: at the window (-1, vLLM's own window, when it is not known)."""
         window = self.context_window
+        size = f"{window} tokens" if window else "the window the server knows"
         _warn_once(f"truncate {self.id}", f"GPUStack model {self.id!r} embeds each text only up to its context window "
-                   f"({window or 'as the server knows it'} tokens): text past it is not embedded (truncate=True).")
+                   f"({size}): text past it is not embedded (truncate=True).")
         return window or -1
 
     def embed(self, input: Union[str, List[str]], timeout: Optional[float] = None) -> Dict[str, Any]:
@@ -3140,7 +3199,8 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
         return await _in_thread(self.embed, input)
 
     def parse_embeddings_response(self, result: Dict[str, Any]) -> List[List[float]]:
-        """The vectors of an embeddings answer, in input order (servers may answer out of order)."""
+        """The vectors of an embeddings answer, in input order (servers may answer out of order):
+        ``embeddings.parse_embeddings_response(embeddings.embed(["a", "b"]))``."""
         data = result.get("data") if isinstance(result, dict) else None
         with self._transport().reading(result):
             if not isinstance(data, list):
@@ -3243,9 +3303,13 @@ def _about_one_text(error: Optional[BaseException]) -> bool:
     worth a request each. Not for a key, a model, a server or a network that fails every text alike (401,
     403, 404, 408, 429, 5xx, no running instance, no connection, a timeout): as Agno's own rule for rate
     limits says, that would multiply the load on a server that is already failing."""
+    if isinstance(error, ContextWindowExceededError):
+        return True
     failure: Optional[_Failure] = getattr(error, "failure", None)
+    if failure is not None and failure.retry is False:
+        return False  # the words named a deployment to fix (a model for another task, a missing parameter)
     status = failure.backend_status or failure.status if failure is not None else getattr(error, "status_code", None)
-    return isinstance(error, ContextWindowExceededError) or status in (400, 413, 422)
+    return status in (400, 413, 422)
 
 
 def _warn_batch_failed(texts: List[str], error: ModelProviderError) -> None:
@@ -3374,7 +3438,7 @@ class GPUStackRerank(Reranker):
         limit: Optional[int] = None,
         top_n: Optional[int] = None,
     ) -> List[Any]:
-        """Documents best first.
+        """Documents best first: ``reranker.rerank("capital of France?", ["Paris ...", "Bananas ..."], top_n=1)``.
 
         Strings in: ``[{"index", "relevance_score", "document"}, ...]``, errors raised.
         Agno Documents in: the Documents reordered with ``reranking_score`` set; on a server
@@ -3413,7 +3477,13 @@ class GPUStackRerank(Reranker):
 
 
 def _client_option(name: str) -> property:
-    return property(lambda self: getattr(self._client, name), doc=f"The client option {name}, as given or settled at construction.")
+    """A client option of GPUStackRerank as a property: ``reranker.timeout = 30`` rebuilds its client, checked."""
+
+    def change(self: Any, value: Any) -> None:
+        self._client = _client_options({**{option: getattr(self._client, option) for option in CLIENT_OPTIONS}, name: value})
+        self._transport()
+
+    return property(lambda self: getattr(self._client, name), change, doc=f"The client option {name}: ``reranker.{name}``.")
 
 
 for _name in CLIENT_OPTIONS:
@@ -3611,7 +3681,8 @@ class GPUStackTools(Toolkit):
         return answer["text"]
 
     def transcribe_file(self, path: str, language: Optional[str] = None) -> str:
-        """The text of an audio file, for scripts and the command line (not a tool: a model must not pick files)."""
+        """The text of an audio file, for scripts and the command line (not a tool: a model must not pick files):
+        ``tools.transcribe_file("note.wav")``."""
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
@@ -3746,10 +3817,12 @@ def list_models(
     for category in categories or ():
         if category not in MODEL_CATEGORIES:
             raise ValueError(f"Unknown category {category!r}; use one of: {', '.join(MODEL_CATEGORIES)}")
-    settings = _client_options({"base_url": base_url, "api_key": api_key, **client})._client_settings("list_models")
+    given = {"base_url": base_url, "api_key": api_key, **client}
+    settings = _client_options(given)._client_settings("list_models")
+    _no_other_options(given, "list_models")
     deployment = _deployment(settings)
-    models = deployment.models(list(categories or ()), with_meta, settings.timeout, fresh=True)
-    found = deployment.categories(settings.timeout, fresh=True)
+    models = deployment.models(list(categories or ()), with_meta, settings.timeout, True, settings.connect_timeout)
+    found = deployment.categories(settings.timeout, True, settings.connect_timeout)
     return [{**model, "categories": found.get(model["id"], [])} for model in models]
 
 
@@ -3817,7 +3890,9 @@ def diagnose(
     unless ``max_retries`` says so; takes the models' other client options (``headers``, ...) too.
     """
     client.setdefault("max_retries", 0)
-    options = _client_options({"base_url": base_url, "api_key": api_key, "timeout": timeout, "verify": verify, **client})
+    given = {"base_url": base_url, "api_key": api_key, "timeout": timeout, "verify": verify, **client}
+    options = _client_options(given)
+    _no_other_options(given, "diagnose")
     settings = options._client_settings("diagnose")
     transport = _Transport(settings)
     report = _Report()

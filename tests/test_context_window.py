@@ -75,9 +75,7 @@ def test_the_window_a_context_window_error_named_is_remembered(fake):
 
 def test_vllms_newest_max_tokens_wording_is_a_context_window_error_with_its_numbers(fake):
     fake.on("/v1/chat/completions", vllm_window(8192))
-    model = GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=131072, context_window=None, max_retries=0)
-    model.requested_context_window = None
-    gpustack._deployment(model._transport().settings)._windows["qwen3"] = 1  # a window too small to lower into
+    model = GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=131072, context_window=1)  # too small to lower into
     with pytest.raises(ContextWindowExceededError) as caught:
         model.invoke(user())
     assert caught.value.message == (
@@ -223,7 +221,7 @@ def test_a_max_tokens_larger_than_the_window_is_lowered_and_the_call_answers(fak
     assert 8000 < sent < 8192 and prompt_tokens(fake.requests[-1].json) + sent <= 8192
     assert [line for line in agno_log if "cannot fit" in line] == [
         f"GPUStack model 'qwen3' has a context window of 8192 tokens: max_tokens=131072 cannot fit beside the prompt, "
-        f"so it was lowered (to {sent} for this request). Set max_tokens below 8192 to silence this."
+        f"so it was lowered (to {sent} for this request). A max_tokens that leaves room for the prompt is sent as it is."
     ]
 
 
