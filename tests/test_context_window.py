@@ -329,3 +329,37 @@ def test_in_a_batch_the_longest_text_is_named_by_its_position_and_the_others_are
     vectors, _ = embedder.get_embeddings_batch_and_usage(["short", "长" * 900, "also short"])
     assert [bool(vector) for vector in vectors] == [True, False, True]
     assert any("the longest of these 3 texts, at position 1, is about 900 tokens" in line for line in agno_log)
+
+
+def test_a_meta_without_a_window_is_kept_as_none_not_asked_again(fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "DEPLOYMENT_TTL", 0)
+    fake.on("/v1/models", models_with_meta(qwen3={"n_ctx_train": 32768}))
+    fake.on("/v1/chat/completions", vllm_window(8192))
+    model = GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=64)
+    for _ in range(3):
+        model.invoke(user())
+    assert lookups(fake) == ["/v1/models?with_meta=true"]
+
+
+def test_compaction_caps_a_max_tokens_larger_than_half_the_window(fake):
+    fake.on("/v1/models", models_with_meta(qwen3={"max_model_len": 8192}))
+    model = GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=131072)
+    assert model.compaction().compact_at_tokens == 8192 - 4096 - 409
+
+
+def test_compaction_options_given_win_over_the_recipes(fake):
+    fake.on("/v1/models", models_with_meta(qwen3={"max_model_len": 4096}))
+    model = GPUStackChat(id="qwen3", base_url=fake.url)
+    assert model.compaction(compact_at_tokens=1000, on_context_overflow=False).compact_at_tokens == 1000
+    counted = model.compaction(token_counter=lambda messages, tools: 1)
+    assert counted.use_model_token_count is False and counted.token_counter is not None
+
+
+def test_a_subclass_takes_context_window_too(fake):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Mine(GPUStackChat):
+        team: str = "search"
+
+    assert Mine(id="qwen3", base_url=fake.url, context_window=2048).context_window == 2048 and fake.requests == []

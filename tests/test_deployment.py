@@ -86,3 +86,19 @@ def test_diagnose_takes_the_models_client_options(fake):
 def test_the_deployment_of_a_server_is_one_object_for_every_model(fake):
     settings = [GPUStackChat(id=name, base_url=fake.url)._transport().settings for name in ("a", "b")]
     assert gpustack._deployment(settings[0]) is gpustack._deployment(settings[1])
+
+
+def test_a_failed_lookup_is_kept_too_and_asked_again_after_its_lifetime(fake, monkeypatch):
+    fake.on("/v1/chat/completions", reply(404, REAL_404_MODEL))
+    fake.on("/v1/models", reply(502, b"bad gateway", "text/plain"))
+    failing(fake), failing(fake)
+    assert lookups(fake) == ["/v1/models"]
+    monkeypatch.setattr(gpustack, "DEPLOYMENT_TTL", 0)
+    failing(fake)
+    assert lookups(fake) == ["/v1/models", "/v1/models"]
+
+
+def test_list_models_refuses_an_option_it_does_not_know(fake):
+    with pytest.raises(TypeError, match="list_models\\(\\) got an unexpected keyword argument 'timeot'"):
+        list_models(base_url=fake.url, timeot=3)
+    assert fake.requests == []

@@ -613,3 +613,13 @@ def test_doctor_on_a_self_signed_server_says_which_flag_to_use(tls_fake):
     assert not report["reachable"] and outcome(report) == [(None, "server", False)]
     assert report["checks"][0]["fix"] == "use --ca-bundle FILE for a private CA, or --insecure for a self-signed certificate"
     assert gpustack.diagnose(tls_fake.url, "k", timeout=5, verify=tls_fake.cert)["checks"][0]["ok"] is False  # answers, not GPUStack
+
+
+def test_a_relayed_backend_error_that_is_not_json_is_still_read_for_its_context_window_words(model, fake):
+    body = {"error": {"message": "An unexpected error occurred: Worker request failed: 1 POST http://w/v1/chat/completions "
+                                 "status=400, error=This model's maximum context length is 4096 tokens. However, your "
+                                 "request has 5000 input tokens.", "code": 503, "type": "ServiceUnavailable"}}
+    fake.on("/v1/chat/completions", reply(503, body))
+    with pytest.raises(ContextWindowExceededError, match="limit 4096 tokens, prompt 5000 tokens"):
+        model.invoke(user())
+    assert len(fake.requests) == 1

@@ -340,3 +340,11 @@ def test_dimensions_given_survive_replace_and_are_sent(embedder, fake):
     assert wanted.dimensions == 3 and fake.requests == []
     wanted.embed("text")
     assert fake.requests[-1].json == {"model": "bge-m3", "input": "text", "dimensions": 3, "user": "someone"}
+
+
+def test_a_model_deployed_for_another_task_fails_the_batch_call_at_once(embedder, fake):
+    fake.on("/v1/embeddings", reply(400, b'{"object":"error","message":"The model does not support Embeddings API",'
+                                         b'"type":"BadRequestError","code":400}'))
+    with pytest.raises(EmbeddingError, match="deployed for another task"):
+        embedder.get_embeddings_batch_and_usage(ten_texts())
+    assert len(paths(fake, "/v1/embeddings")) == 1

@@ -92,3 +92,10 @@ def test_broken_rerank_results_are_the_one_malformed_answer_error(reranker, fake
     with pytest.raises(ModelProviderError) as caught:
         reranker.rerank("q", ["a", "b"])
     assert caught.value.message == f"GPUStack's answer has {problem}: {answer}"
+
+
+def test_a_rerankers_client_options_can_be_changed_and_are_checked(reranker):
+    reranker.timeout = 5
+    assert reranker.timeout == 5 and reranker._transport().settings.timeout == 5
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
+        reranker.timeout = -1

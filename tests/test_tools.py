@@ -341,3 +341,8 @@ def test_speech_is_sent_as_asked_when_the_voices_lookup_fails(fake):
         {"model": "cosyvoice", "input": "Hello", "voice": "English Male", "response_format": "mp3"},
         {"model": "cosyvoice", "input": "Hello", "response_format": "mp3"},
     ]
+
+
+def test_a_timeout_given_as_none_is_the_media_default(fake):
+    tools = gpustack.GPUStackTools(image_model="flux", base_url=fake.url, timeout=None)
+    assert tools._settings.timeout == gpustack.DEFAULT_MEDIA_TIMEOUT == 900
