@@ -562,3 +562,43 @@ def test_a_long_conversation_is_folded_before_gpustack_refuses_a_request(backend
         db.close()
     assert max(prompts) <= 4096 and agent.compaction.stats.compactions >= 1
 
+
+
+# Self-hosted models ###################################################################################
+
+
+@ours
+def test_sglang_markup_through_gpustack_becomes_a_tool_call_the_agent_runs(backend):
+    from agno.agent import Agent
+
+    def sglang_without_a_parser(h: Any, seen: Any) -> None:
+        results = [m for m in seen.json["messages"] if m.get("role") == "tool"]
+        answer = f"It is {results[0]['content']}." if results else (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+        send(h, 200, json.dumps(chat_answer(answer)).encode())
+
+    backend.on("/v1/chat/completions", sglang_without_a_parser)
+    ran: List[str] = []
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return f"sunny in {city}"
+
+    output = Agent(model=chat(), tools=[get_weather], telemetry=False).run("What is the weather in Paris?")
+    assert ran == ["Paris"] and output.content == "It is sunny in Paris."
+
+
+@ours
+def test_a_sessions_digest_reaches_the_backend_behind_gpustacks_worker_proxy(backend):
+    from agno.agent import Agent
+
+    model = chat()
+    Agent(model=model, telemetry=False).run("Hello", session_id="live-session")
+
+    class Run:
+        session_id = "live-session"
+
+    seen = [request for request in backend.requests if request.path == "/v1/chat/completions"][-1]
+    header = next((value for name, value in seen.headers.items() if name.lower() == "session-id"), None)
+    assert header == model._affinity(Run())["session-id"] and "live-session" not in json.dumps(seen.headers)
