@@ -8,6 +8,10 @@ The tests are in tests/, a file for each promise:
     tests/test_events.py      SSE decoding, streaming, stream faults and caps, cancelled async streams
     tests/test_chat.py        messages and their parts, non-streaming answers, Agno agent runs,
                               structured output, reasoning
+    tests/test_self_hosted.py models that misbehave: tool calls as text, the answer in the reasoning
+                              field, thinking that ran out; session affinity
+    tests/test_context_window.py  the deployment's window, counts that match the server, compaction,
+                              a max_tokens that fits, embedding inputs that fit
     tests/test_embeddings.py  GPUStackEmbeddings, alone and inside Agno's knowledge machinery
     tests/test_rerank.py      GPUStackRerank
     tests/test_tools.py       GPUStackTools: images, speech, transcription
