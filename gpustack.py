@@ -1881,7 +1881,8 @@ class _Deployment:
             known = self._answers.get(path)
         if known is not None and not fresh and time.monotonic() - known[0] < DEPLOYMENT_TTL:
             if isinstance(known[1], ModelProviderError):  # a new error each time: a raised one grows its traceback
-                raise _provider_error(known[1].message, known[1].status_code, self.settings, type(known[1]))
+                raise _provider_error(known[1].message, known[1].status_code, self.settings, type(known[1]),
+                                      getattr(known[1], "failure", None))
             return known[1]
         seconds = max(0.1, seconds)
         connect = min(seconds, connect_timeout or self.settings.connect_timeout)
@@ -1920,28 +1921,33 @@ class _Deployment:
                 found.setdefault(item["id"], []).append(category)
         return found
 
-    def meta(self, model: str, seconds: float = LOOKUP_SECONDS) -> Dict[str, Any]:
-        """A running model's ``meta`` (context window, voices, ...); empty when GPUStack gives none."""
+    def meta(self, model: str, seconds: float = LOOKUP_SECONDS) -> Optional[Dict[str, Any]]:
+        """A running model's ``meta`` (context window, voices, ...): empty when GPUStack gives none, None when the
+        model is not among the running ones (yet)."""
         for item in self.models(with_meta=True, seconds=seconds):
             if item["id"] == model:
                 return item["meta"] if isinstance(item.get("meta"), dict) else {}
-        return {}
+        return None
 
     def voices(self, model: str, seconds: float = LOOKUP_SECONDS) -> List[str]:
-        return [str(voice) for voice in self.meta(model, seconds).get("voices") or ()]
+        return [str(voice) for voice in (self.meta(model, seconds) or {}).get("voices") or ()]
 
     def window(self, model: str) -> Optional[int]:
         """A model's context window in tokens: what its meta names, else what its first context-window error
         named, else None. Learned once: a meta without one is kept as none; a lookup that fails is asked
         again only after WINDOW_RETRY_SECONDS. Never raises; one thread asks while the others wait."""
-        with self._window_lock:
-            known = self._windows.get(model)
-            if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
-                try:
-                    known = (_window_of(self.meta(model)) or 0, 0.0)  # 0: the meta names none, for good
-                except ModelProviderError:
-                    known = (None, time.monotonic())
-                self._windows[model] = known
+        known = self._windows.get(model)
+        if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
+            with self._window_lock:
+                known = self._windows.get(model)
+                if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
+                    try:
+                        meta = self.meta(model)
+                    except ModelProviderError:
+                        meta = None
+                    # 0: the model is listed and its meta names no window, for good; None: asked again later
+                    known = (None, time.monotonic()) if meta is None else (_window_of(meta) or 0, 0.0)
+                    self._windows[model] = known
         with self._lock:
             return known[0] or self._overflows.get(model)
 
@@ -2140,9 +2146,9 @@ class _Windowed:
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # @dataclass writes each (sub)class's __init__ after the class exists: it is taught the names here,
         # at the first instance of the class, before Python calls it.
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "takes_learned_names", False):
-            cls.__init__ = _taking_learned_names(init, cls._KEPT_IN)  # type: ignore[method-assign]
+        owner = next(klass for klass in cls.__mro__ if "__init__" in klass.__dict__)  # the __init__ Python will call
+        if not getattr(owner.__dict__["__init__"], "takes_learned_names", False):
+            owner.__init__ = _taking_learned_names(owner.__dict__["__init__"], cls._KEPT_IN)  # type: ignore[misc]
         return super().__new__(cls)
 
     def _start_client(self) -> None:
@@ -2284,6 +2290,13 @@ class ThoughtTooLongError(ModelProviderError):
     error, which would have Agno fold the history for nothing.)"""
 
 
+_AFFINITY_HEADERS = ("session-id", "x-client-request-id")  # GPUStack's keys, in its order: a user's own wins
+
+
+def _has_text(value: Any) -> bool:
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
+
+
 def _thinking_off(body: Dict[str, Any]) -> bool:
     kwargs = body.get("chat_template_kwargs")
     return isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
@@ -2293,7 +2306,9 @@ class _AnswerWatch:
     """What an answer (whole, or a stream piece by piece) said: content, reasoning, tool calls, why it ended.
 
     With thinking off for the request, reasoning is the answer: some reasoning parsers (vLLM's ``deepseek_r1``)
-    put it all in ``reasoning_content`` and leave ``content`` empty. Until content arrives, it is moved there.
+    put it all in the reasoning field and leave ``content`` empty. ``move()`` takes what the server sent in that
+    field (not a ``<think>`` block of the content) as content, from its first words on, until content of the
+    server's own arrives; a stream can't take back what it has moved.
     """
 
     __slots__ = ("thinking_off", "content", "said", "reasoning", "tool_calls", "finish", "output_tokens", "moved")
@@ -2304,14 +2319,17 @@ class _AnswerWatch:
         self.finish: Optional[str] = None
         self.output_tokens = 0
 
-    def see(self, piece: ModelResponse) -> None:
-        said = isinstance(piece.content, str) and bool(piece.content.strip()) or bool(piece.content) and not isinstance(piece.content, str)
-        self.said = self.said or said  # content from the server itself: from then on, reasoning stays reasoning
-        if self.thinking_off and piece.reasoning_content and not self.said:
+    def move(self, piece: ModelResponse) -> None:
+        """With thinking off, the server's reasoning field is the answer (call before ``<think>`` is split off)."""
+        if _has_text(piece.content):
+            self.said = True  # content from the server itself: from then on, reasoning stays reasoning
+        elif self.thinking_off and not self.said and piece.reasoning_content and (self.moved or _has_text(piece.reasoning_content)):
             piece.content, piece.reasoning_content = (piece.content or "") + piece.reasoning_content, None
-            self.moved = said = True
-        self.content = self.content or said
-        self.reasoning = self.reasoning or bool(piece.reasoning_content)
+            self.moved = True
+
+    def see(self, piece: ModelResponse) -> None:
+        self.content = self.content or _has_text(piece.content)
+        self.reasoning = self.reasoning or _has_text(piece.reasoning_content)
         self.tool_calls = self.tool_calls or bool(piece.tool_calls)
         self.finish = (piece.provider_data or {}).get("finish_reason") or self.finish
         if piece.response_usage is not None:
@@ -2354,19 +2372,21 @@ def _json_or_none(text: str) -> Any:
 
 
 def _call_of(item: Any, offered: "set", parser: str) -> Optional[Dict[str, Any]]:
-    """One call in Agno's shape, with a fresh id; None when it is not a call of an offered tool."""
-    if not isinstance(item, dict) or item.get("name") not in offered:
+    """One call in Agno's shape, with a fresh id; None when it is not a call of an offered tool. A bare JSON object
+    (Llama 3) is a call only when it has nothing but a name and its arguments: else it is an answer in JSON."""
+    name = item.get("name") if isinstance(item, dict) else None
+    if not isinstance(name, str) or name not in offered:
         return None
-    keys = ("arguments", "parameters") if parser == "Llama 3" else ("arguments",)
-    if parser == "Llama 3" and not any(key in item for key in keys):
-        return None  # a bare JSON answer that merely has a "name" is an answer
+    keys = ("arguments", "parameters")
+    if parser == "Llama 3" and (not any(key in item for key in keys) or set(item) - {"name", *keys}):
+        return None
     arguments: Any = next((item[key] for key in keys if key in item), {})
     if isinstance(arguments, str):
         arguments = _json_or_none(arguments)
     if not isinstance(arguments, dict):
         return None
     return {"id": f"call_{os.urandom(12).hex()}", "type": "function",
-            "function": {"name": item["name"], "arguments": json.dumps(arguments)}}
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 class _CallHold:
@@ -2385,6 +2405,9 @@ class _CallHold:
             return text
         self.held += text
         lead = self.held.lstrip()
+        if lead[:1] == "{":  # a bare call opens with its name: any other JSON answer streams on
+            rest = lead[1:].lstrip()
+            return "" if rest.startswith('"name"') or '"name"'.startswith(rest) else self.release()
         if not lead or any(lead.startswith(marker) or marker.startswith(lead) for marker in _CALL_MARKERS):
             return ""
         return self.release()
@@ -2630,6 +2653,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         result = self._parse_provider_response(answer, response_format=response_format)
         self._learn_count(messages, tools, response_format, result.response_usage)
         watch = _AnswerWatch(_thinking_off(body))
+        message = answer["choices"][0].get("message") or {}
+        if message.get("reasoning_content") or message.get("reasoning"):  # the field, not a <think> block
+            watch.move(result)
         watch.see(result)
         if self._recoverable(body) and not result.tool_calls and isinstance(result.content, str):
             calls = self._calls_in(result.content, body)
@@ -2676,19 +2702,13 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         think = _ThinkSplitter()
         watch = _AnswerWatch(_thinking_off(body))
         hold = _CallHold() if self._recoverable(body) else None
-        recent = "" if tools and hold is None else None  # the end of the text so far, to spot markup cut across chunks
+        recent: Optional[str] = "" if tools else None  # the end of the text streamed so far, to spot markup in it
         chunks = self._transport().stream("chat/completions", body, extra=self._affinity(run_response))
         try:
             for chunk in chunks:
                 piece = self._parse_provider_response_delta(chunk)
+                watch.move(piece)  # before a <think> block is split off: only the server's reasoning field moves
                 if piece.content:
-                    if recent is not None:
-                        recent += piece.content
-                        if "<tool_call>" in recent:
-                            self._warn_tool_markup()
-                            recent = None
-                        else:
-                            recent = recent[-10:]  # what could be the start of "<tool_call>"
                     reasoning, piece.content = think.feed(piece.content)
                     if reasoning:
                         piece.reasoning_content = (piece.reasoning_content or "") + reasoning
@@ -2701,6 +2721,8 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 watch.see(piece)
                 if hold is not None and piece.content:
                     piece.content = hold.feed(piece.content) or None
+                if recent is not None and piece.content:
+                    recent = self._spot_markup(recent, piece.content)
                 yield piece
         finally:
             chunks.close()
@@ -2710,12 +2732,14 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             watch.see(last)
             if hold is not None and last.content:
                 last.content = hold.feed(last.content) or None
+            if recent is not None and last.content:
+                recent = self._spot_markup(recent, last.content)
             yield last
         if hold is not None and hold.held:
             yield self._held_answer(hold.held, body, watch)
-        self._judge(watch, body)
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
+        self._judge(watch, body)
 
     async def ainvoke_stream(
         self,
@@ -2737,6 +2761,14 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         finally:
             await pieces.aclose()  # now, not whenever the garbage collector gets to it
 
+    def _spot_markup(self, recent: str, text: str) -> Optional[str]:
+        """Tool-call markup in streamed text, also cut across pieces: warned about; what could still begin it, kept."""
+        recent += text
+        if "<tool_call>" in recent:
+            self._warn_tool_markup()
+            return None
+        return recent[-10:]
+
     def _recoverable(self, body: Dict[str, Any]) -> bool:
         """Whether an answer to this request may hold tool calls written as text: tools were offered, and allowed."""
         return self.recover_tool_calls and bool(body.get("tools")) and body.get("tool_choice") != "none"
@@ -2745,6 +2777,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         """The tool calls a model wrote as its whole answer, when its deployment has no (or the wrong) tool parser;
         warned about once per model, with the deployment's fix."""
         offered = {tool["function"]["name"] for tool in body["tools"] if isinstance(tool.get("function"), dict)}
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            offered &= {choice["function"].get("name")}  # a request that named its tool offered only that one
         found = _text_tool_calls(content, offered)
         if found is None:
             return None
@@ -2780,14 +2815,14 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         header carries a digest of the session id, never the id itself (it may hold user data), the same in every
         process (several app workers may serve one session). A ``session-id`` in ``headers`` wins."""
         session = getattr(run_response, "session_id", None)
-        if not session or not self.session_affinity or any(name.lower() == "session-id" for name in self.headers or ()):
+        if not session or not self.session_affinity or any(name.lower() in _AFFINITY_HEADERS for name in self.headers or ()):
             return None
         return {"session-id": hashlib.sha256(f"agno-gpustack session\0{session}".encode()).hexdigest()[:32]}
 
     def _judge(self, watch: "_AnswerWatch", body: Dict[str, Any]) -> None:
         """An answer with no content, no tool call and some reasoning: the model thought and said nothing.
         With thinking off, ``watch`` has made the reasoning the answer already (and this warns once)."""
-        if watch.moved:
+        if watch.moved and not watch.said:
             _warn_once(f"reasoning parser {self.id}", f"GPUStack model {self.id!r} answered with thinking off in its "
                        "reasoning field and left content empty: its deployment's reasoning parser ignores the switch "
                        "(for Qwen3 on vLLM, `--reasoning-parser qwen3` in its Backend Parameters on GPUStack honours "
@@ -3102,9 +3137,10 @@ class GPUStackEmbeddings(_ClientOptions, _Windowed, Embedder):
         """The vectors' size: ``dimensions=N`` as given, else learned from the server with one probe, once."""
         if self.requested_dimensions is not None:
             return self.requested_dimensions
-        with _PROBE_LOCK:  # threads reading it at once make one probe (a module lock: deepcopy can't copy a lock)
-            if self._learned_dimensions is None:
-                self._learned_dimensions = self._probe_dimensions()
+        if self._learned_dimensions is None:
+            with _PROBE_LOCK:  # threads reading it at once make one probe (a module lock: deepcopy can't copy a lock)
+                if self._learned_dimensions is None:
+                    self._learned_dimensions = self._probe_dimensions()
         return self._learned_dimensions
 
     @dimensions.setter
@@ -3480,8 +3516,9 @@ def _client_option(name: str) -> property:
     """A client option of GPUStackRerank as a property: ``reranker.timeout = 30`` rebuilds its client, checked."""
 
     def change(self: Any, value: Any) -> None:
-        self._client = _client_options({**{option: getattr(self._client, option) for option in CLIENT_OPTIONS}, name: value})
-        self._transport()
+        client = _client_options({**{option: getattr(self._client, option) for option in CLIENT_OPTIONS}, name: value})
+        client._client_settings("GPUStackRerank")  # checked before it replaces the one in use
+        self._client = client
 
     return property(lambda self: getattr(self._client, name), change, doc=f"The client option {name}: ``reranker.{name}``.")
 
@@ -3860,6 +3897,8 @@ class _Report:
         started = time.monotonic()
         try:
             ok, detail, fix = probe()
+        except ThoughtTooLongError:  # doctor's few tokens: a reasoning model answers, given room
+            ok, detail, fix = True, "answered with reasoning only: the check's few tokens are too few to finish thinking", ""
         except ModelProviderError as error:
             ok, detail, fix = False, error.message, ""
             self.no_answer = _no_answer(error)
@@ -3984,10 +4023,7 @@ def _doctor_prompt() -> List[Message]:
 
 
 def _chat_check(chat: GPUStackChat) -> Tuple[bool, str, str]:
-    try:
-        answer = chat.invoke(_doctor_prompt())
-    except ThoughtTooLongError:
-        return True, f"answered with reasoning only: {chat.max_tokens} tokens are too few for it to finish thinking", ""
+    answer = chat.invoke(_doctor_prompt())
     said = f"answered {(answer.content or '').strip()[:40]!r}"
     return True, said + (", with reasoning output" if answer.reasoning_content else ""), ""
 

@@ -363,3 +363,23 @@ def test_a_subclass_takes_context_window_too(fake):
         team: str = "search"
 
     assert Mine(id="qwen3", base_url=fake.url, context_window=2048).context_window == 2048 and fake.requests == []
+
+
+def test_a_model_not_listed_yet_is_asked_about_again_later(fake, monkeypatch):
+    monkeypatch.setattr(gpustack, "DEPLOYMENT_TTL", 0)
+    monkeypatch.setattr(gpustack, "WINDOW_RETRY_SECONDS", 0)
+    fake.on("/v1/models", models_with_meta(), models_with_meta(qwen3={"max_model_len": 8192}))
+    model = GPUStackChat(id="qwen3", base_url=fake.url)
+    assert [model.context_window, model.context_window] == [None, 8192]
+
+
+def test_a_plain_subclass_takes_context_window_before_any_other_instance(fake):
+    import subprocess
+    import sys
+
+    from fakes import HERE
+
+    code = ("import gpustack\nclass Mine(gpustack.GPUStackChat): pass\n"
+            "print(Mine(id='q', base_url='http://h:1', context_window=8192).context_window)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "8192"

@@ -99,3 +99,10 @@ def test_a_rerankers_client_options_can_be_changed_and_are_checked(reranker):
     assert reranker.timeout == 5 and reranker._transport().settings.timeout == 5
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
         reranker.timeout = -1
+
+
+def test_a_rejected_option_leaves_the_one_in_use(reranker):
+    before = reranker.timeout
+    with pytest.raises(ValueError):
+        reranker.timeout = 0
+    assert reranker.timeout == before

@@ -378,3 +378,113 @@ def test_an_agent_runs_the_tool_a_model_wrote_as_text_and_answers_with_its_resul
     else:
         content = (asyncio.run(agent.arun("Weather in Paris?")) if use_async else agent.run("Weather in Paris?")).content
     assert ran == ["Paris"] and content == "It is sunny in Paris."
+
+
+# What a second look found ############################################################################################
+
+
+@pytest.mark.parametrize("content", ["To get the weather I would call " + HERMES, "```\n" + HERMES + "\n```", "> " + HERMES,
+                                     HERMES + " and that is how you call it."], ids=["prose", "fence", "quote", "trailing"])
+def test_streamed_text_that_is_not_exactly_tool_calls_stays_text(fake, content):
+    fake.on("/v1/chat/completions", stream(chunk(content[:20]), chunk(content[20:], "stop"), b"data: [DONE]\n\n"))
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL))
+    assert "".join(piece.content or "" for piece in pieces) == content and not any(p.tool_calls for p in pieces)
+
+
+def test_a_json_answer_whose_name_is_no_string_is_text_not_a_crash(fake):
+    answer = '{"name": {"first": "Ada"}, "born": 1815}'
+    fake.on("/v1/chat/completions", answered(answer))
+    assert GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL).content == answer
+
+
+def test_a_bare_json_answer_with_more_than_a_name_and_arguments_is_text(fake):
+    answer = '{"name": "get_weather", "parameters": {"city": "Paris"}, "note": "a record, not a call"}'
+    fake.on("/v1/chat/completions", answered(answer))
+    assert GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL).content == answer
+
+
+def test_a_hermes_call_with_parameters_keeps_them(fake):
+    fake.on("/v1/chat/completions", answered('<tool_call>{"name": "get_weather", "parameters": {"city": "Oslo"}}</tool_call>'))
+    result = GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=WEATHER_TOOL)
+    assert calls_of(result) == [("get_weather", {"city": "Oslo"})]
+
+
+def test_a_request_that_named_its_tool_recovers_only_a_call_of_that_tool(fake):
+    tools = WEATHER_TOOL + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    fake.on("/v1/chat/completions", answered(HERMES))
+    forced = {"type": "function", "function": {"name": "get_time"}}
+    result = GPUStackChat(id="qwen3", base_url=fake.url).invoke(user(), tools=tools, tool_choice=forced)
+    assert (result.tool_calls, result.content) == ([], HERMES)
+
+
+def test_a_json_answer_that_is_no_call_streams_as_it_comes(fake):
+    release = __import__("threading").Event()
+
+    def json_then_wait(h, seen):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.end_headers()
+        h.wfile.write(b"data: " + json.dumps(chunk('{"city": ')).encode() + b"\n\n")
+        h.wfile.flush()
+        release.wait(5)
+        h.wfile.write(b"data: " + json.dumps(chunk('"Paris"}', "stop")).encode() + b"\n\ndata: [DONE]\n\n")
+        h.close_connection = True
+
+    fake.on("/v1/chat/completions", json_then_wait)
+    pieces = GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL)
+    first = next(piece for piece in pieces if piece.content)
+    release.set()
+    assert first.content == '{"city": ' and "".join(piece.content or "" for piece in pieces) == '"Paris"}'
+
+
+def test_with_thinking_off_a_think_block_in_the_content_stays_reasoning(fake, agno_log):
+    fake.on("/v1/chat/completions", stream(chunk("<think>I ponder"), chunk("</think>Hello"), chunk(finish="stop"),
+                                           b"data: [DONE]\n\n"))
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=False).invoke_stream(user()))
+    assert "".join(p.content or "" for p in pieces) == "Hello"
+    assert "".join(p.reasoning_content or "" for p in pieces) == "I ponder"
+    assert not [line for line in agno_log if "reasoning parser" in line]
+
+
+def test_with_thinking_off_content_after_reasoning_is_not_blamed_on_the_parser(fake, agno_log, monkeypatch):
+    monkeypatch.setattr(gpustack, "_WARNED", set())
+    fake.on("/v1/chat/completions", stream(chunk(reasoning_content="Thinking. "), chunk("Answer."), chunk(finish="stop"),
+                                           b"data: [DONE]\n\n"))
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url, enable_thinking=False).invoke_stream(user()))
+    assert "".join(p.content or "" for p in pieces) == "Thinking. Answer."
+    assert not [line for line in agno_log if "reasoning parser" in line]
+
+
+def test_an_empty_think_block_and_nothing_else_is_no_reasoning_to_ask_again_about(fake):
+    fake.on("/v1/chat/completions", stream(chunk("<think>\n\n</think>\n\n"), chunk(finish="stop"), b"data: [DONE]\n\n"))
+    pieces = list(GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user()))
+    assert not any(piece.content for piece in pieces)
+
+
+def test_doctor_passes_a_reasoning_model_whose_few_tokens_went_to_thinking(fake):
+    from fakes import models_route
+
+    fake.on("/healthz", lambda h, seen: send(h, 200, b'"ok"'))
+    fake.on("/version", lambda h, seen: send(h, 200, b'{"version": "v2.3.0"}'))
+    fake.on("/v1/models", models_route)
+    fake.on("/v1/chat/completions", lambda h, seen: (reasoning_stream("Let me", "length") if seen.json.get("stream") else
+                                                     (lambda h2, s2: send(h2, 200, json.dumps(reasoning_only("Let me", "length")).encode())))(h, seen))
+    report = gpustack.diagnose(base_url=fake.url, api_key="k", models=["qwen3"])
+    checks = {check["check"]: check for check in report["checks"] if check["model"] == "qwen3"}
+    assert [checks[name]["ok"] for name in ("chat", "stream", "tools", "json_schema")] == [True] * 4
+    assert checks["stream"]["detail"] == "answered with reasoning only: the check's few tokens are too few to finish thinking"
+
+
+def test_the_session_digest_is_pinned(fake):
+    class Run:
+        session_id = "s-1"
+
+    assert GPUStackChat(id="qwen3", base_url=fake.url)._affinity(Run()) == {"session-id": "96dcaa1e2ec89b0e330dab19754246c6"}
+
+
+def test_a_users_own_x_client_request_id_wins_too(fake):
+    class Run:
+        session_id = "s-1"
+
+    GPUStackChat(id="qwen3", base_url=fake.url, headers={"X-Client-Request-Id": "mine"}).invoke(user(), run_response=Run())
+    assert session_headers(fake) == [None]
