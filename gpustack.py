@@ -2703,6 +2703,17 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         watch = _AnswerWatch(_thinking_off(body))
         hold = _CallHold() if self._recoverable(body) else None
         recent: Optional[str] = "" if tools else None  # the end of the text streamed so far, to spot markup in it
+
+        def passing(piece: ModelResponse) -> ModelResponse:
+            """A piece as it goes out: seen, held back while it may become a call, searched for markup."""
+            nonlocal recent
+            watch.see(piece)
+            if hold is not None and piece.content:
+                piece.content = hold.feed(piece.content) or None
+            if recent is not None and piece.content:
+                recent = self._spot_markup(recent, piece.content)
+            return piece
+
         chunks = self._transport().stream("chat/completions", body, extra=self._affinity(run_response))
         try:
             for chunk in chunks:
@@ -2718,23 +2729,12 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                         piece.content, hold = (hold.release() + (piece.content or "")) or None, None
                 if piece.response_usage is not None:
                     self._learn_count(messages, tools, response_format, piece.response_usage)
-                watch.see(piece)
-                if hold is not None and piece.content:
-                    piece.content = hold.feed(piece.content) or None
-                if recent is not None and piece.content:
-                    recent = self._spot_markup(recent, piece.content)
-                yield piece
+                yield passing(piece)
         finally:
             chunks.close()
         reasoning, content = think.flush()
         if reasoning or content:
-            last = ModelResponse(content=content or None, reasoning_content=reasoning or None)
-            watch.see(last)
-            if hold is not None and last.content:
-                last.content = hold.feed(last.content) or None
-            if recent is not None and last.content:
-                recent = self._spot_markup(recent, last.content)
-            yield last
+            yield passing(ModelResponse(content=content or None, reasoning_content=reasoning or None))
         if hold is not None and hold.held:
             yield self._held_answer(hold.held, body, watch)
         if assistant_message is not None:

@@ -3,6 +3,7 @@ tokens or stopped without an answer; and a conversation kept on the replica that
 
 import asyncio
 import json
+import threading
 from typing import Any, Dict, List
 
 import pytest
@@ -304,24 +305,29 @@ def test_a_recovery_is_warned_about_once_per_model_with_the_deployment_fix(fake,
     ]
 
 
-def test_in_a_stream_only_what_may_become_a_call_is_held_back(fake):
-    release = __import__("threading").Event()
+def streamed_before_the_rest(fake, first: str, rest: str) -> List[str]:
+    """The content that reaches the caller while the server holds back the rest of its stream; then the rest."""
+    release = threading.Event()
 
-    def prose_then_wait(h, seen):
+    def first_then_wait(h, seen):
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.end_headers()
-        h.wfile.write(b"data: " + json.dumps(chunk("It is ")).encode() + b"\n\n")
+        h.wfile.write(b"data: " + json.dumps(chunk(first)).encode() + b"\n\n")
         h.wfile.flush()
         release.wait(5)
-        h.wfile.write(b"data: " + json.dumps(chunk("sunny.", "stop")).encode() + b"\n\ndata: [DONE]\n\n")
+        h.wfile.write(b"data: " + json.dumps(chunk(rest, "stop")).encode() + b"\n\ndata: [DONE]\n\n")
         h.close_connection = True
 
-    fake.on("/v1/chat/completions", prose_then_wait)
+    fake.on("/v1/chat/completions", first_then_wait)
     pieces = GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL)
-    first = next(piece for piece in pieces if piece.content)
+    before = next(piece for piece in pieces if piece.content).content
     release.set()
-    assert first.content == "It is " and "".join(piece.content or "" for piece in pieces) == "sunny."
+    return [before, "".join(piece.content or "" for piece in pieces)]
+
+
+def test_in_a_stream_only_what_may_become_a_call_is_held_back(fake):
+    assert streamed_before_the_rest(fake, "It is ", "sunny.") == ["It is ", "sunny."]
 
 
 @pytest.mark.parametrize("content", [HERMES, MISTRAL, LLAMA_TAG])
@@ -418,23 +424,7 @@ def test_a_request_that_named_its_tool_recovers_only_a_call_of_that_tool(fake):
 
 
 def test_a_json_answer_that_is_no_call_streams_as_it_comes(fake):
-    release = __import__("threading").Event()
-
-    def json_then_wait(h, seen):
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
-        h.end_headers()
-        h.wfile.write(b"data: " + json.dumps(chunk('{"city": ')).encode() + b"\n\n")
-        h.wfile.flush()
-        release.wait(5)
-        h.wfile.write(b"data: " + json.dumps(chunk('"Paris"}', "stop")).encode() + b"\n\ndata: [DONE]\n\n")
-        h.close_connection = True
-
-    fake.on("/v1/chat/completions", json_then_wait)
-    pieces = GPUStackChat(id="qwen3", base_url=fake.url).invoke_stream(user(), tools=WEATHER_TOOL)
-    first = next(piece for piece in pieces if piece.content)
-    release.set()
-    assert first.content == '{"city": ' and "".join(piece.content or "" for piece in pieces) == '"Paris"}'
+    assert streamed_before_the_rest(fake, '{"city": ', '"Paris"}') == ['{"city": ', '"Paris"}']
 
 
 def test_with_thinking_off_a_think_block_in_the_content_stays_reasoning(fake, agno_log):
