@@ -3874,8 +3874,8 @@ async def alist_models(
 
 
 # Diagnosis ###################################################################
-
-# `doctor`: is this GPUStack ready for Agno agents? ----------------------------------
+# `doctor`: is this GPUStack ready for Agno agents? What a failed call's error can add comes from the
+# deployment layer above; here, a run of tiny requests that each check one thing an agent needs.
 
 DOCTOR_TIMEOUT = 30.0
 _DOCTOR_TOOL = {"type": "function", "function": {
