@@ -19,7 +19,6 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import difflib
-import email.parser
 import email.utils
 import functools
 import hashlib
@@ -38,7 +37,6 @@ import struct
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -121,6 +119,7 @@ DEFAULT_MAX_WORKERS = 1000  # async calls in flight at once; the OpenAI SDK's de
 ASYNC_STREAM_BACKLOG = 1024  # pieces a stream reader may run ahead of its async consumer
 
 USER_AGENT = f"agno-gpustack/{__version__} (+python-urllib)"
+
 
 def _server_root(base_url: Optional[str]) -> str:
     """The server's origin and path prefix, without a trailing ``/``, ``/v1`` or ``/v1-openai``."""
