@@ -3,6 +3,7 @@
 import asyncio
 import json
 import threading
+from typing import List
 import time
 
 import pytest
@@ -348,3 +349,15 @@ def test_a_model_deployed_for_another_task_fails_the_batch_call_at_once(embedder
     with pytest.raises(EmbeddingError, match="deployed for another task"):
         embedder.get_embeddings_batch_and_usage(ten_texts())
     assert len(paths(fake, "/v1/embeddings")) == 1
+
+
+def test_threads_reading_dimensions_at_once_make_one_probe(fake):
+    fake.on("/v1/embeddings", slow_echo(0.3))
+    embeddings = GPUStackEmbeddings(id="bge-m3", base_url=fake.url)
+    sizes: List[int] = []
+    readers = [threading.Thread(target=lambda: sizes.append(embeddings.dimensions)) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert sizes == [3, 3, 3, 3] and len(paths(fake, "/v1/embeddings")) == 1
