@@ -457,8 +457,12 @@ def test_doctor_passes_a_reasoning_model_whose_few_tokens_went_to_thinking(fake)
     fake.on("/healthz", lambda h, seen: send(h, 200, b'"ok"'))
     fake.on("/version", lambda h, seen: send(h, 200, b'{"version": "v2.3.0"}'))
     fake.on("/v1/models", models_route)
-    fake.on("/v1/chat/completions", lambda h, seen: (reasoning_stream("Let me", "length") if seen.json.get("stream") else
-                                                     (lambda h2, s2: send(h2, 200, json.dumps(reasoning_only("Let me", "length")).encode())))(h, seen))
+    def thinks_until_length(h, seen):
+        if seen.json.get("stream"):
+            return reasoning_stream("Let me", "length")(h, seen)
+        send(h, 200, json.dumps(reasoning_only("Let me", "length")).encode())
+
+    fake.on("/v1/chat/completions", thinks_until_length)
     report = gpustack.diagnose(base_url=fake.url, api_key="k", models=["qwen3"])
     checks = {check["check"]: check for check in report["checks"] if check["model"] == "qwen3"}
     assert [checks[name]["ok"] for name in ("chat", "stream", "tools", "json_schema")] == [True] * 4
