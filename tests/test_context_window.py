@@ -383,3 +383,22 @@ def test_a_plain_subclass_takes_context_window_before_any_other_instance(fake):
             "print(Mine(id='q', base_url='http://h:1', context_window=8192).context_window)")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "8192"
+
+
+def test_threads_asking_for_the_window_at_once_make_one_lookup(fake):
+    import threading
+    import time
+
+    def slow_meta(h, seen):
+        time.sleep(0.3)
+        models_with_meta(qwen3={"max_model_len": 8192})(h, seen)
+
+    fake.on("/v1/models", slow_meta)
+    model = GPUStackChat(id="qwen3", base_url=fake.url)
+    windows: List[int] = []
+    readers = [threading.Thread(target=lambda: windows.append(model.context_window)) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert windows == [8192] * 4 and lookups(fake) == ["/v1/models?with_meta=true"]
