@@ -1934,19 +1934,17 @@ class _Deployment:
     def window(self, model: str) -> Optional[int]:
         """A model's context window in tokens: what its meta names, else what its first context-window error
         named, else None. Learned once: a meta without one is kept as none; a lookup that fails is asked
-        again only after WINDOW_RETRY_SECONDS. Never raises; one thread asks while the others wait."""
+        again only after WINDOW_RETRY_SECONDS. Never raises."""
         known = self._windows.get(model)
         if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
-            with self._window_lock:
-                known = self._windows.get(model)
-                if known is None or (known[0] is None and time.monotonic() - known[1] >= WINDOW_RETRY_SECONDS):
-                    try:
-                        meta = self.meta(model)
-                    except ModelProviderError:
-                        meta = None
-                    # 0: the model is listed and its meta names no window, for good; None: asked again later
-                    known = (None, time.monotonic()) if meta is None else (_window_of(meta) or 0, 0.0)
-                    self._windows[model] = known
+            with self._window_lock:  # one thread asks; those that waited find its answer in the lookup cache
+                try:
+                    meta = self.meta(model)
+                except ModelProviderError:
+                    meta = None
+                # 0: the model is listed and its meta names no window, for good; None: asked again later
+                known = (None, time.monotonic()) if meta is None else (_window_of(meta) or 0, 0.0)
+                self._windows[model] = known
         with self._lock:
             return known[0] or self._overflows.get(model)
 
