@@ -26,6 +26,7 @@ import http.client
 import json
 import math
 import mimetypes
+import operator
 import os
 import random
 import re
@@ -2102,11 +2103,14 @@ class _Client(_Transport):
             raise
 
 
+# What a model's client is built from, read in one C call: this runs on every call of a model.
+_CLIENT_KEY = operator.attrgetter(*(name for name in CLIENT_OPTIONS if name != "headers"), "id")
+
+
 def _client_of(owner: Any, model_name: str) -> _Client:
     """A model's client, validated and built once; built again only if a client option was changed since."""
     headers = owner.headers
-    key = tuple(getattr(owner, name) for name in CLIENT_OPTIONS if name != "headers") + (
-        tuple(headers.items()) if headers else None, owner.id)
+    key = (_CLIENT_KEY(owner), tuple(headers.items()) if headers else None)  # a dict's contents, not its identity
     cached = owner._client_cache
     if cached is not None and cached[0] == key:
         return cached[1]
