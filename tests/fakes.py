@@ -419,3 +419,14 @@ def agent_turns(body: Dict[str, Any]) -> Dict[str, Any]:
                 "function": {"name": "look_up", "arguments": json.dumps({"query": "records"})}}
         return chat_answer(None, tool_calls=[call])
     return chat_answer("The records say 42.")
+
+
+def read_at_once(read: Callable[[], Any], threads: int = 4) -> List[Any]:
+    """What ``read`` gives in each of a few threads started together (for what must be learned only once)."""
+    results: List[Any] = []
+    readers = [threading.Thread(target=lambda: results.append(read())) for _ in range(threads)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    return results

@@ -10,7 +10,7 @@ from agno.exceptions import ContextWindowExceededError, EmbeddingError
 from agno.models.message import Message
 
 import gpustack
-from fakes import agent_turns, look_up, prompt_tokens, reply, send, tokens_of, user, vllm_window
+from fakes import agent_turns, look_up, prompt_tokens, read_at_once, reply, send, tokens_of, user, vllm_window
 from gpustack import GPUStackChat, GPUStackEmbeddings
 
 
@@ -386,7 +386,6 @@ def test_a_plain_subclass_takes_context_window_before_any_other_instance(fake):
 
 
 def test_threads_asking_for_the_window_at_once_make_one_lookup(fake):
-    import threading
     import time
 
     def slow_meta(h, seen):
@@ -395,10 +394,5 @@ def test_threads_asking_for_the_window_at_once_make_one_lookup(fake):
 
     fake.on("/v1/models", slow_meta)
     model = GPUStackChat(id="qwen3", base_url=fake.url)
-    windows: List[int] = []
-    readers = [threading.Thread(target=lambda: windows.append(model.context_window)) for _ in range(4)]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
-    assert windows == [8192] * 4 and lookups(fake) == ["/v1/models?with_meta=true"]
+    assert read_at_once(lambda: model.context_window) == [8192] * 4
+    assert lookups(fake) == ["/v1/models?with_meta=true"]

@@ -3,14 +3,13 @@
 import asyncio
 import json
 import threading
-from typing import List
 import time
 
 import pytest
 from agno.exceptions import EmbeddingError, ModelProviderError
 
 import gpustack
-from fakes import REAL_401, echo_embedder, embeddings_answer, overlap_reranker, reply, send
+from fakes import REAL_401, echo_embedder, embeddings_answer, overlap_reranker, read_at_once, reply, send
 from gpustack import GPUStackEmbeddings, GPUStackRerank
 
 
@@ -354,10 +353,5 @@ def test_a_model_deployed_for_another_task_fails_the_batch_call_at_once(embedder
 def test_threads_reading_dimensions_at_once_make_one_probe(fake):
     fake.on("/v1/embeddings", slow_echo(0.3))
     embeddings = GPUStackEmbeddings(id="bge-m3", base_url=fake.url)
-    sizes: List[int] = []
-    readers = [threading.Thread(target=lambda: sizes.append(embeddings.dimensions)) for _ in range(4)]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
-    assert sizes == [3, 3, 3, 3] and len(paths(fake, "/v1/embeddings")) == 1
+    assert read_at_once(lambda: embeddings.dimensions) == [3, 3, 3, 3]
+    assert len(paths(fake, "/v1/embeddings")) == 1
