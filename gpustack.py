@@ -72,6 +72,7 @@ from agno.models.message import Message
 from agno.models.response import ModelResponse
 from agno.tools import Toolkit
 from agno.tools.function import ToolResult
+from agno.utils.message import normalize_tool_messages
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,9 @@ __all__ = [
     "close_connections",
     "diagnose",
     "ThoughtTooLongError",
+    "GPUStackEmbedder",
+    "GPUStackReranker",
+    "registry",
 ]
 
 T = TypeVar("T")
@@ -271,6 +275,17 @@ def _no_other_options(given: Dict[str, Any], function: str) -> None:
     if given:
         raise TypeError(f"{function}() got an unexpected keyword argument {next(iter(given))!r}; client options are: "
                         f"{', '.join(CLIENT_OPTIONS)}")
+
+
+_WARNED: set = set()  # topics warned about, once a process
+
+
+def _warn_once(topic: str, text: str) -> None:
+    if topic not in _WARNED:
+        _WARNED.add(topic)
+        from agno.utils.log import log_warning
+
+        log_warning(text)
 
 
 def _checked_count(name: str, value: Any) -> Optional[int]:
@@ -2119,13 +2134,16 @@ def _client_of(owner: Any, model_name: str) -> _Client:
     return client
 
 
-def _taking_learned_names(init: Callable[..., None], kept_in: Dict[str, str]) -> Callable[..., None]:
+def _taking_learned_names(init: Callable[..., None], kept_in: Dict[str, str], ignored: Dict[str, str]) -> Callable[..., None]:
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **fields: Any) -> None:
         for name, field_name in kept_in.items():
             value = fields.pop(name, None)
             if value is not None:
                 fields[field_name] = value
+        for name in ignored.keys() & fields.keys():
+            if fields.pop(name) is not None:
+                _warn_once(f"ignored {name}", f"{type(self).__name__} ignores {name}=: {ignored[name]}.")
         init(self, *args, **fields)
 
     __init__.takes_learned_names = True  # type: ignore[attr-defined]
@@ -2143,13 +2161,16 @@ class _Windowed:
     # they are kept in. As properties, not fields, they stay out of dataclasses.asdict, replace, == and repr,
     # which must never touch the network.
     _KEPT_IN: ClassVar[Dict[str, str]] = {"context_window": "requested_context_window"}
+    # Names other Agno providers take that mean nothing for GPUStack: accepted, so moved code runs, and
+    # warned about once, with what to use instead.
+    _IGNORED: ClassVar[Dict[str, str]] = {}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # @dataclass writes each (sub)class's __init__ after the class exists: it is taught the names here,
         # at the first instance of the class, before Python calls it.
         owner = next(klass for klass in cls.__mro__ if "__init__" in klass.__dict__)  # the __init__ Python will call
         if not getattr(owner.__dict__["__init__"], "takes_learned_names", False):
-            owner.__init__ = _taking_learned_names(owner.__dict__["__init__"], cls._KEPT_IN)  # type: ignore[misc]
+            owner.__init__ = _taking_learned_names(owner.__dict__["__init__"], cls._KEPT_IN, cls._IGNORED)  # type: ignore[misc]
         return super().__new__(cls)
 
     def _start_client(self) -> None:
@@ -2426,8 +2447,22 @@ FIT_MARGIN_TOKENS = 16
 
 
 # The request fields a chat model sends as they are, when set.
-_REQUEST_FIELDS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed",
-                   "logprobs", "top_logprobs", "user")
+_REQUEST_FIELDS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "frequency_penalty",
+                   "presence_penalty", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "user")
+
+# What OpenAIChat, OpenAILike and VLLM take that has no meaning here, and what to do instead.
+_OPENAI_ONLY = {
+    "organization": "GPUStack has no organizations; the API key says who calls",
+    "http_client": "this module has its own HTTP client; set timeout, connect_timeout, max_retries, verify or headers",
+    "client_params": "set base_url, api_key, timeout, connect_timeout, max_retries, verify or headers directly",
+    "store": "GPUStack keeps no completions",
+    "metadata": "GPUStack keeps no completions to tag",
+    "service_tier": "GPUStack has no service tiers",
+    "modalities": "GPUStack's chat models answer in text; speech is GPUStackTools.speech()",
+    "audio": "GPUStack's chat models answer in text; speech is GPUStackTools.speech()",
+    "verbosity": "it is a parameter of OpenAI's own models; use request_params for a backend's own parameters",
+    "collect_metrics_on_completion": "usage is collected from every answer, streamed or not",
+}
 
 
 @dataclass
@@ -2450,24 +2485,52 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     # Request parameters: sent only when set
     temperature: Optional[float] = None
     max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None  # OpenAI's newer name; vLLM takes either
     top_p: Optional[float] = None
+    top_k: Optional[int] = None  # vLLM, SGLang and llama.cpp take it at the top of the body
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[int] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    reasoning_effort: Optional[str] = None  # vLLM passes it to models that take it (gpt-oss)
     user: Optional[str] = None
     enable_thinking: Optional[bool] = None  # Qwen3-style chat_template_kwargs.enable_thinking
     session_affinity: bool = True  # an Agno session's requests carry a digest of its id (GPUStack's replica affinity)
     recover_tool_calls: bool = True  # tool calls a deployment without a tool parser leaves as text become tool calls
     strict_output: bool = True
-    request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. vLLM's top_k)
+    request_params: Optional[Dict[str, Any]] = None  # merged into every request body (e.g. a backend's own min_p)
     # Client parameters: base_url, api_key, timeout, connect_timeout, max_retries, verify, headers (_ClientOptions)
+
+    # The names Agno's OpenAILike and VLLM take, for code moved from them
+    extra_body: Optional[Dict[str, Any]] = None  # merged into every request body, after request_params
+    extra_query: Optional[Dict[str, Any]] = None  # query parameters of every chat request
+    default_query: Optional[Dict[str, Any]] = None  # as extra_query; extra_query wins
+    extra_headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # every request's; over headers
+    default_headers: Optional[Dict[str, str]] = field(default=None, repr=False)  # as headers; headers win
+    role_map: Optional[Dict[str, str]] = None  # an Agno role to the role sent, over the defaults
+
+    _IGNORED: ClassVar[Dict[str, str]] = _OPENAI_ONLY
+    _named_by_agno = False  # built by Agno from "gpustack:<id>" or a saved config; a plain attribute, not a field
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._take_openai_names()
         self._start_client()
+
+    def _take_openai_names(self) -> None:
+        """The OpenAI SDK's header names folded into ``headers`` (the client is built from them once); the
+        dictionaries checked now, not at the first call."""
+        for name in ("extra_body", "extra_query", "default_query", "extra_headers", "default_headers", "role_map"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+        if self.default_headers or self.extra_headers:
+            if self.headers is not None and not isinstance(self.headers, dict):
+                raise ValueError(f"headers must be a dict of header names to values, got {type(self.headers).__name__}")
+            self.headers = {**(self.default_headers or {}), **(self.headers or {}), **(self.extra_headers or {})}
 
     # -- transport --------------------------------------------------------------
 
@@ -2572,12 +2635,20 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 params["tool_choice"] = tool_choice
         if self.enable_thinking is not None:
             params["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
-        for key, value in (self.request_params or {}).items():
-            if isinstance(value, dict) and isinstance(params.get(key), dict):
-                params[key] = {**params[key], **value}
-            else:
-                params[key] = value
+        for extra in (self.request_params, self.extra_body):
+            for key, value in (extra or {}).items():
+                if isinstance(value, dict) and isinstance(params.get(key), dict):
+                    params[key] = {**params[key], **value}
+                else:
+                    params[key] = value
         return params
+
+    def _path(self, path: str) -> str:
+        """An endpoint with the query parameters of ``default_query`` and ``extra_query``."""
+        if not (self.extra_query or self.default_query):
+            return path
+        query = {**(self.default_query or {}), **(self.extra_query or {})}
+        return f"{path}?{urllib.parse.urlencode(query, doseq=True)}"
 
     def _response_format(self, response_format: Any) -> Any:
         if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
@@ -2593,14 +2664,15 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             }
         return response_format
 
-    def _format_message(self, message: Union[Message, Dict[str, Any]], compress_tool_results: bool = False) -> Dict[str, Any]:
+    def _format_message(self, message: Union[Message, Dict[str, Any]], compress_tool_results: bool = False,
+                        roles: Dict[str, str] = _ROLES) -> Dict[str, Any]:
         """One message in OpenAI chat format; the system role stays ``system``."""
         if isinstance(message, dict):
             plain = dict(message)
-            plain["role"] = _ROLES.get(str(plain.get("role")), plain.get("role"))
+            plain["role"] = roles.get(str(plain.get("role")), plain.get("role"))
             return plain
         content = message.get_content(use_compressed_content=compress_tool_results)
-        formatted: Dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": content}
+        formatted: Dict[str, Any] = {"role": roles.get(message.role, message.role), "content": content}
         if message.name:
             formatted["name"] = message.name
         if message.tool_call_id:
@@ -2620,9 +2692,13 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     def _body(self, messages: Sequence[Any], stream: bool, compress_tool_results: bool = False, **kwargs: Any) -> Dict[str, Any]:
         if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
             raise TypeError("messages must be a list of agno Message objects or {'role': ..., 'content': ...} dicts")
+        if all(isinstance(message, Message) for message in messages):
+            # Agno's own step for OpenAI-compatible servers: older sessions kept a turn's tool results in one message.
+            messages = normalize_tool_messages(list(messages))
+        roles = {**_ROLES, **self.role_map} if self.role_map else _ROLES
         body: Dict[str, Any] = {
             "model": self.id,
-            "messages": [self._format_message(message, compress_tool_results) for message in messages],
+            "messages": [self._format_message(message, compress_tool_results, roles) for message in messages],
         }
         if stream:
             body["stream"] = True
@@ -2644,11 +2720,19 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> ModelResponse:
         """One chat completion: ``model.invoke([Message(role="user", content="Hi")]).content``."""
+        return self._invoke(messages, assistant_message, response_format, tools, tool_choice, run_response,
+                            compress_tool_results)
+
+    # The four public calls are what a tracer wraps (OpenInference's Agno instrumentor): the async ones run
+    # these private bodies, so an async call is one traced call, not one inside another.
+    def _invoke(self, messages: Sequence[Union[Message, Dict[str, Any]]], assistant_message: Optional[Message],
+                response_format: Any, tools: Optional[List[Dict[str, Any]]], tool_choice: Any, run_response: Any,
+                compress_tool_results: bool) -> ModelResponse:
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
             assistant_message.metrics.start_timer()
-        answer = self._transport().call("POST", "chat/completions", body, expect="choices", extra=self._affinity(run_response))
+        answer = self._chat_call(body, self._affinity(run_response))
         if assistant_message is not None:
             assistant_message.metrics.stop_timer()
         result = self._parse_provider_response(answer, response_format=response_format)
@@ -2681,7 +2765,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     ) -> ModelResponse:
         """``await model.ainvoke(messages)``: invoke() without blocking the event loop."""
         return await _in_thread(
-            self.invoke, messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results
+            self._invoke, messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results
         )
 
     def invoke_stream(
@@ -2696,6 +2780,12 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         **_: Any,  # Agno's retry-with-guidance path adds keywords of its own
     ) -> Iterator[ModelResponse]:
         """Stream a chat completion: ``for piece in model.invoke_stream(messages): print(piece.content or "", end="")``."""
+        return self._invoke_stream(messages, assistant_message, response_format, tools, tool_choice, run_response,
+                                   compress_tool_results)
+
+    def _invoke_stream(self, messages: Sequence[Union[Message, Dict[str, Any]]], assistant_message: Optional[Message],
+                       response_format: Any, tools: Optional[List[Dict[str, Any]]], tool_choice: Any, run_response: Any,
+                       compress_tool_results: bool) -> Iterator[ModelResponse]:
         body = self._body(messages, True, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
@@ -2715,7 +2805,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 recent = self._spot_markup(recent, piece.content)
             return piece
 
-        chunks = self._transport().stream("chat/completions", body, extra=self._affinity(run_response))
+        chunks = self._chat_stream(body, self._affinity(run_response))
         try:
             for chunk in chunks:
                 piece = self._parse_provider_response_delta(chunk)
@@ -2755,12 +2845,55 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     ) -> AsyncIterator[ModelResponse]:
         """``async for piece in model.ainvoke_stream(messages): ...``, pieces as they arrive."""
         args = (messages, assistant_message, response_format, tools, tool_choice, run_response, compress_tool_results)
-        pieces = _iterate_in_thread(lambda: self.invoke_stream(*args))
+        pieces = _iterate_in_thread(lambda: self._invoke_stream(*args))
         try:
             async for piece in pieces:
                 yield piece
         finally:
             await pieces.aclose()  # now, not whenever the garbage collector gets to it
+
+    def _chat_call(self, body: Dict[str, Any], extra: Optional[Dict[str, str]]) -> Dict[str, Any]:
+        try:
+            return self._transport().call("POST", self._path("chat/completions"), body, expect="choices", extra=extra)
+        except ModelProviderError as error:
+            if not self._named_in_its_case(error, body):
+                raise
+        return self._transport().call("POST", self._path("chat/completions"), body, expect="choices", extra=extra)
+
+    def _chat_stream(self, body: Dict[str, Any], extra: Optional[Dict[str, str]]) -> Generator[Dict[str, Any], None, None]:
+        chunks = self._transport().stream(self._path("chat/completions"), body, extra=extra)
+        try:
+            first = next(chunks, None)
+        except ModelProviderError as error:
+            if not self._named_in_its_case(error, body):
+                raise
+            chunks = self._transport().stream(self._path("chat/completions"), body, extra=extra)
+            first = next(chunks, None)
+        if first is None:
+            return
+        try:
+            yield first
+            yield from chunks
+        finally:
+            chunks.close()
+
+    def _named_in_its_case(self, error: ModelProviderError, body: Dict[str, Any]) -> bool:
+        """A model Agno built from a string that GPUStack doesn't know takes, once, the running model whose name
+        differs only in case (Agno's eval router lowercases the id it is given); True if the request may go again."""
+        if not self._named_by_agno or error.status_code != 404:
+            return False
+        self._named_by_agno = False
+        wanted = self.id.lower()
+        try:
+            same = [name for name in _deployment(self._transport().settings).running() if name.lower() == wanted]
+        except ModelProviderError:
+            return False
+        if len(same) != 1 or same[0] == self.id:
+            return False
+        _warn_once(f"case {self.id}", f"GPUStack has no model {self.id!r}; {same[0]!r} is used, the running model "
+                   "of that name in another case (Agno's evals lowercase the model id).")
+        self.id = body["model"] = same[0]
+        return True
 
     def _spot_markup(self, recent: str, text: str) -> Optional[str]:
         """Tool-call markup in streamed text, also cut across pieces: warned about; what could still begin it, kept."""
@@ -2876,10 +3009,19 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 ("system_fingerprint", response.get("system_fingerprint")),
                 ("finish_reason", choice.get("finish_reason")),
                 ("logprobs", choice.get("logprobs")),
+                ("served_by", self._served_by(response.get("model"))),
             )
             if value is not None
         }
         return result
+
+    def _served_by(self, answered: Any) -> Optional[str]:
+        """The model that answered, when it is not the one asked for: a GPUStack route's target or fallback."""
+        if not answered or answered == self.id or not isinstance(answered, str):
+            return None
+        _warn_once(f"served {self.id}\0{answered}", f"GPUStack model {self.id!r}: the answer came from model {answered!r} "
+                   "(a route's target or its fallback). provider_data['served_by'] names it on each answer.")
+        return answered
 
     def _parse_provider_response_delta(self, response: Any) -> ModelResponse:
         """One stream chunk as an Agno ModelResponse (tool-call pieces stay pieces; parse_tool_calls merges them)."""
@@ -2909,6 +3051,11 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 result.tool_calls = delta["tool_calls"]
             if choice.get("finish_reason"):
                 result.provider_data = {"finish_reason": choice["finish_reason"]}
+        answered = response.get("model")
+        if answered is not None and answered != self.id:
+            served = self._served_by(answered)
+            if served is not None:
+                result.provider_data = {**(result.provider_data or {}), "served_by": served}
         if response.get("usage"):
             result.response_usage = _usage_metrics(response["usage"])
         return result
@@ -2959,7 +3106,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             body["stream"] = True
             return self._complete_stream(body)
         transport = self._transport()
-        answer = transport.call("POST", "completions", body, expect="choices")
+        answer = transport.call("POST", self._path("completions"), body, expect="choices")
         with transport.reading(answer):
             if not answer["choices"] or not isinstance(answer["choices"][0], dict):
                 raise _Malformed("no choices")
@@ -2971,7 +3118,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         return params
 
     def _complete_stream(self, body: Dict[str, Any]) -> Iterator[str]:
-        for chunk in self._transport().stream("completions", body):
+        for chunk in self._transport().stream(self._path("completions"), body):
             for choice in chunk.get("choices") or ():
                 text = choice.get("text")
                 if text:
@@ -3025,17 +3172,6 @@ def _video_part(video: Any) -> Dict[str, Any]:
         mime = mimetypes.guess_type(str(video.filepath))[0]
     encoded = base64.b64encode(data).decode("ascii")
     return {"type": "video_url", "video_url": {"url": f"data:{mime or 'video/mp4'};base64,{encoded}"}}
-
-
-_WARNED: set = set()
-
-
-def _warn_once(topic: str, text: str) -> None:
-    if topic not in _WARNED:
-        _WARNED.add(topic)
-        from agno.utils.log import log_warning
-
-        log_warning(text)
 
 
 def _plain_tool(tool: Dict[str, Any]) -> Dict[str, Any]:
@@ -3872,6 +4008,98 @@ async def alist_models(
 ) -> List[Dict[str, Any]]:
     """``await alist_models()``: list_models() without blocking the event loop."""
     return await _in_thread(list_models, base_url, api_key, categories, **options)
+
+
+# Agno's names for these classes, for code written against its other providers.
+GPUStackEmbedder = GPUStackEmbeddings
+GPUStackReranker = GPUStackRerank
+
+
+def registry(base_url: Optional[str] = None, api_key: Optional[str] = None, **client: Any) -> Any:
+    """An Agno ``Registry`` with a GPUStackChat for each running chat model, for AgentOS Studio:
+    ``AgentOS(agents=[...], registry=gpustack.registry())``. Takes the client options, as list_models() does."""
+    from agno.registry import Registry
+
+    given = {"base_url": base_url, "api_key": api_key, **client}
+    options = _client_options(given)
+    _no_other_options(given, "registry")
+    settings = {name: getattr(options, name) for name in CLIENT_OPTIONS}
+    names = [model["id"] for model in list_models(categories=["llm"], **settings)]
+    return Registry(name="GPUStack", models=[GPUStackChat(id=name, **settings) for name in names])
+
+
+# Agno builds a model from "gpustack:<id>" (Agent(model=...), Compaction, FallbackConfig, evals, memory
+# optimisation) and rebuilds a saved one from its id alone: it finds the class through its table of providers.
+
+AGNO_PROVIDER_KEY = "gpustack"
+
+
+def _model_from_agno(id: str) -> GPUStackChat:
+    """What Agno builds for ``"gpustack:<id>"``: the server and key from GPUSTACK_SERVER_URL and GPUSTACK_API_KEY,
+    as for every provider Agno rebuilds."""
+    model = GPUStackChat(id=id)
+    model._named_by_agno = True
+    return model
+
+
+def _join_agno_model_strings() -> None:
+    """Register the ``gpustack`` provider with Agno's string resolution: ``Agent(model="gpustack:qwen3")``.
+    Feature-detected: Agno's own entry, or a table that has moved, is left alone (and said, in the debug log)."""
+    from agno.utils.log import log_debug
+
+    try:
+        from agno.models import utils
+    except ImportError:
+        log_debug("gpustack: agno.models.utils is gone; 'gpustack:<model>' strings are not registered")
+        return
+    table = getattr(utils, "MODEL_PROVIDER_CLASSES", None)
+    if not isinstance(table, dict):
+        log_debug("gpustack: Agno's MODEL_PROVIDER_CLASSES has moved; 'gpustack:<model>' strings are not registered")
+    elif AGNO_PROVIDER_KEY in table:
+        log_debug(f"gpustack: Agno has its own {AGNO_PROVIDER_KEY!r} provider {table[AGNO_PROVIDER_KEY]}; it is kept")
+    else:
+        table[AGNO_PROVIDER_KEY] = (__name__, _model_from_agno.__name__)
+
+
+_join_agno_model_strings()
+
+
+# AgentOS traces: OpenInference's Agno instrumentor wraps the model classes it finds as members of the modules
+# of the agno.models package. GPUStackChat is named there once, so each instrument() wraps it as it wraps Agno's
+# own (and uninstrument() unwraps it); nothing of OpenTelemetry is imported here.
+
+_MODEL_CALLS = ("invoke", "ainvoke", "invoke_stream", "ainvoke_stream")
+
+
+def _join_agno_traces(cls: type) -> None:
+    import agno.models.base
+
+    setattr(agno.models.base, f"_gpustack_{cls.__qualname__}", cls)
+    _wrap_if_tracing_started(cls)
+
+
+def _wrap_if_tracing_started(cls: type) -> None:
+    """Tracing that started before this module was imported has walked agno.models already: the class is wrapped
+    now, with the instrumentor's own wrapper, and recorded where uninstrument() restores from (so, once)."""
+    instrumentation = sys.modules.get("openinference.instrumentation.agno")
+    instrumentor = getattr(getattr(instrumentation, "AgnoInstrumentor", None), "_instance", None)
+    if instrumentor is None or not getattr(instrumentor, "is_instrumented_by_opentelemetry", False):
+        return
+    originals = getattr(instrumentor, "_original_model_call_methods", None)
+    if not isinstance(originals, dict) or cls in originals:
+        return
+    try:
+        from openinference.instrumentation.agno._model_wrapper import _ModelWrapper
+        from wrapt import wrap_function_wrapper
+    except ImportError:
+        return
+    wrapper = _ModelWrapper(tracer=instrumentor._tracer)
+    originals[cls] = {name: getattr(cls, name) for name in _MODEL_CALLS}
+    for name, how in zip(_MODEL_CALLS, (wrapper.run, wrapper.arun, wrapper.run_stream, wrapper.arun_stream)):
+        wrap_function_wrapper(cls, name, how)
+
+
+_join_agno_traces(GPUStackChat)
 
 
 # Diagnosis ###################################################################
