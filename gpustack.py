@@ -2141,8 +2141,8 @@ def _taking_learned_names(init: Callable[..., None], kept_in: Dict[str, str], ig
             value = fields.pop(name, None)
             if value is not None:
                 fields[field_name] = value
-        for name in ignored.keys() & fields.keys():
-            if fields.pop(name) is not None:
+        for name in ignored:
+            if fields.pop(name, None) is not None:
                 _warn_once(f"ignored {name}", f"{type(self).__name__} ignores {name}=: {ignored[name]}.")
         init(self, *args, **fields)
 
@@ -3613,17 +3613,18 @@ class GPUStackRerank(Reranker):
     ) -> List[Any]:
         """Documents best first: ``reranker.rerank("capital of France?", ["Paris ...", "Bananas ..."], top_n=1)``.
 
-        Strings in: ``[{"index", "relevance_score", "document"}, ...]``, errors raised.
+        At most ``top_n`` (else the reranker's ``top_n``) and at most ``limit``, whatever is given.
+        Strings in: ``[{"index", "relevance_score", "document"}, ...]``, whatever the server sent back, errors raised.
         Agno Documents in: the Documents reordered with ``reranking_score`` set; on a server
         error a warning is logged and they come back in their original order (Agno's convention).
         """
         documents = list(documents)
         texts = [_document_text(document) for document in documents]
         keep = top_n or self.top_n
+        if _checked_count("limit", limit) is not None:
+            keep = min(keep, limit) if keep else limit
         if not all(isinstance(document, Document) for document in documents) or not documents:
             return self._results(query, texts, keep)
-        if limit is not None:
-            keep = min(keep, limit) if keep else limit
         try:
             results = self._results(query, texts, keep)
         except ModelProviderError as error:
@@ -4080,20 +4081,27 @@ def _join_agno_traces(cls: type) -> None:
 
 def _wrap_if_tracing_started(cls: type) -> None:
     """Tracing that started before this module was imported has walked agno.models already: the class is wrapped
-    now, with the instrumentor's own wrapper, and recorded where uninstrument() restores from (so, once)."""
-    instrumentation = sys.modules.get("openinference.instrumentation.agno")
-    instrumentor = getattr(getattr(instrumentation, "AgnoInstrumentor", None), "_instance", None)
-    if instrumentor is None or not getattr(instrumentor, "is_instrumented_by_opentelemetry", False):
-        return
-    originals = getattr(instrumentor, "_original_model_call_methods", None)
-    if not isinstance(originals, dict) or cls in originals:
-        return
+    now, with the instrumentor's own wrapper, and recorded where uninstrument() restores from (so, once).
+    The instrumentor has no public way to take one more class; its record and tracer are read, as little as that."""
+    if "openinference.instrumentation.agno" not in sys.modules:
+        return  # no tracing started: nothing is imported
+    from agno.utils.log import log_debug
+
     try:
+        from openinference.instrumentation.agno import AgnoInstrumentor
         from openinference.instrumentation.agno._model_wrapper import _ModelWrapper
         from wrapt import wrap_function_wrapper
-    except ImportError:
+
+        instrumentor: Any = AgnoInstrumentor()  # the one instance: OpenTelemetry's instrumentors are singletons
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            return
+        originals = instrumentor._original_model_call_methods
+        if not isinstance(originals, dict) or cls in originals:
+            return
+        wrapper = _ModelWrapper(tracer=instrumentor._tracer)
+    except (ImportError, AttributeError, TypeError) as error:
+        log_debug(f"gpustack: tracing started before gpustack was imported, and {cls.__name__} can't join it: {error}")
         return
-    wrapper = _ModelWrapper(tracer=instrumentor._tracer)
     originals[cls] = {name: getattr(cls, name) for name in _MODEL_CALLS}
     for name, how in zip(_MODEL_CALLS, (wrapper.run, wrapper.arun, wrapper.run_stream, wrapper.arun_stream)):
         wrap_function_wrapper(cls, name, how)

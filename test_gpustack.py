@@ -17,6 +17,8 @@ The tests are in tests/, a file for each promise:
     tests/test_tools.py       GPUStackTools: images, speech, transcription
     tests/test_deployment.py  what the module learns about a server: when it asks, how long it keeps it
     tests/test_diagnosis.py   the factory and list_models, the errors explained, doctor
+    tests/test_agno_native.py wherever Agno takes a model: OpenAILike's and VLLM's names, Agno's message
+                              steps, served-by and cache figures, "gpustack:<id>" strings, AgentOS, traces
     tests/test_cli.py         the command line
 
 They share one fake: tests/fakes.py holds the server, the bytes captured from a real GPUStack and the

@@ -61,6 +61,35 @@ def test_documents_in_documents_out_with_scores_and_limit(reranker, fake):
     assert [d.content for d in ranked] == [DOCS[2], DOCS[0]] and ranked[0].reranking_score == 0.9
 
 
+@pytest.mark.parametrize("answer", [
+    {"results": [{"index": 2, "relevance_score": 0.9, "document": {"text": DOCS[2]}}, {"index": 0, "relevance_score": 0.7}]},
+    {"results": [{"index": 0, "score": 0.7, "document": DOCS[0]}, {"index": 2, "score": 0.9}]},
+])
+def test_strings_come_back_in_one_shape_whatever_the_server_sent(reranker, fake, answer):
+    fake.on("/v1/rerank", reply(200, answer))
+    assert reranker.rerank("capital", DOCS) == [{"index": 2, "relevance_score": 0.9, "document": DOCS[2]},
+                                                 {"index": 0, "relevance_score": 0.7, "document": DOCS[0]}]
+
+
+def test_strings_honour_limit_as_documents_do(reranker, fake):
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 2, "relevance_score": 0.9}, {"index": 0, "relevance_score": 0.7},
+                                                 {"index": 1, "relevance_score": 0.1}]}))
+    assert [r["index"] for r in reranker.rerank("capital", DOCS, limit=2)] == [2, 0]
+    assert fake.requests[-1].json["top_n"] == 2
+
+
+def test_the_smaller_of_limit_and_top_n_is_kept(reranker, fake):
+    fake.on("/v1/rerank", reply(200, {"results": [{"index": 2, "relevance_score": 0.9}]}))
+    reranker.rerank("capital", DOCS, limit=3, top_n=1)
+    assert fake.requests[-1].json["top_n"] == 1
+
+
+def test_a_limit_that_is_not_a_positive_number_is_refused(reranker, fake):
+    with pytest.raises(ValueError, match="^limit must be a positive whole number, got 0$"):
+        reranker.rerank("capital", DOCS, limit=0)
+    assert fake.requests == []
+
+
 def test_failing_rerank_inside_knowledge_keeps_original_order(reranker, fake):
     fake.on("/v1/rerank", reply(404, REAL_404_MODEL))
     docs = [Document(content=text) for text in DOCS]
