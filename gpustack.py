@@ -206,16 +206,20 @@ def _settings(
     timeout: Optional[float],
     max_retries: Optional[int],
     verify: Union[bool, str, None],
-    headers: Optional[Dict[str, str]],
+    headers: Sequence[Tuple[str, Any]],
     model_name: Optional[str] = None,
     model_id: Optional[str] = None,
     connect_timeout: Optional[float] = None,
 ) -> _Settings:
-    """Validate a model's client settings, once: every bad value is a ValueError before any request."""
+    """Validate a model's client settings, once: every bad value is a ValueError before any request. ``headers``
+    are the dicts of headers by the names they were given under, the later winning on the same header."""
     if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0):
         raise ValueError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
-    if headers is not None and not isinstance(headers, dict):
-        raise ValueError(f"headers must be a dict of header names to values, got {type(headers).__name__}")
+    sent: Dict[str, str] = {}
+    for name, given in headers:
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"{name} must be a dict of header names to values, got {type(given).__name__}")
+        sent.update(given or {})
     return _Settings(
         root=_server_root(base_url),
         api_key=(api_key if api_key is not None else os.getenv(API_KEY_ENV)) or None,
@@ -223,7 +227,7 @@ def _settings(
         connect_timeout=_seconds("connect_timeout", connect_timeout, DEFAULT_CONNECT_TIMEOUT),
         max_retries=max_retries if max_retries is not None else DEFAULT_MAX_RETRIES,
         verify=_checked_verify(verify),
-        headers=tuple((str(k), str(v)) for k, v in headers.items()) if headers else None,
+        headers=tuple((str(k), str(v)) for k, v in sent.items()) or None,
         model_name=model_name,
         model_id=model_id,
     )
@@ -252,8 +256,17 @@ class _ClientOptions:
             self.api_key = os.getenv(API_KEY_ENV) or None
 
     def _client_settings(self, model_name: str, model_id: Optional[str] = None) -> _Settings:
-        return _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify, self.headers,
-                         model_name=model_name, model_id=model_id, connect_timeout=self.connect_timeout)
+        return _settings(self.base_url, self.api_key or "", self.timeout, self.max_retries, self.verify,
+                         self._header_layers(), model_name=model_name, model_id=model_id,
+                         connect_timeout=self.connect_timeout)
+
+    def _header_layers(self) -> Tuple[Tuple[str, Any], ...]:
+        """The headers sent, by the names they were given under, the weakest first."""
+        return (("headers", self.headers),)
+
+    def keywords(self) -> Dict[str, Any]:
+        """The options as keywords for another client: ``GPUStackChat(id="qwen3", **options.keywords())``."""
+        return {name: getattr(self, name) for name in CLIENT_OPTIONS}
 
 
 CLIENT_OPTIONS = tuple(option.name for option in dataclasses.fields(_ClientOptions))
@@ -1925,6 +1938,14 @@ class _Deployment:
     def running(self, category: Optional[str] = None, seconds: float = LOOKUP_SECONDS) -> List[str]:
         return [item["id"] for item in self.models([category] if category else (), seconds=seconds)]
 
+    def in_other_case(self, model: str) -> Optional[str]:
+        """The one running model whose name is ``model``'s in another case, else None (a lookup that fails too)."""
+        try:
+            same = [name for name in self.running() if name.lower() == model.lower() and name != model]
+        except ModelProviderError:
+            return None
+        return same[0] if len(same) == 1 else None
+
     def categories(self, seconds: float = LOOKUP_SECONDS, fresh: bool = False,
                    connect_timeout: Optional[float] = None) -> Dict[str, List[str]]:
         """Each running model's categories, asked one category at a time (GPUStack's items don't carry them)."""
@@ -2170,7 +2191,9 @@ class _Windowed:
         # at the first instance of the class, before Python calls it.
         owner = next(klass for klass in cls.__mro__ if "__init__" in klass.__dict__)  # the __init__ Python will call
         if not getattr(owner.__dict__["__init__"], "takes_learned_names", False):
-            owner.__init__ = _taking_learned_names(owner.__dict__["__init__"], cls._KEPT_IN, cls._IGNORED)  # type: ignore[misc]
+            fields = {each.name for each in dataclasses.fields(cls)}  # type: ignore[arg-type]
+            ignored = {name: why for name, why in cls._IGNORED.items() if name not in fields}  # a subclass's field is its own
+            owner.__init__ = _taking_learned_names(owner.__dict__["__init__"], cls._KEPT_IN, ignored)  # type: ignore[misc]
         return super().__new__(cls)
 
     def _start_client(self) -> None:
@@ -2446,6 +2469,12 @@ COMPACTION_ANSWER_SHARE = 0.125  # of the window: the answer's budget when max_t
 FIT_MARGIN_TOKENS = 16
 
 
+def _message_list(messages: Any) -> List[Any]:
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+        raise TypeError("messages must be a list of agno Message objects or {'role': ..., 'content': ...} dicts")
+    return messages if isinstance(messages, list) else list(messages)
+
+
 # The request fields a chat model sends as they are, when set.
 _REQUEST_FIELDS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "frequency_penalty",
                    "presence_penalty", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "user")
@@ -2462,6 +2491,8 @@ _OPENAI_ONLY = {
     "audio": "GPUStack's chat models answer in text; speech is GPUStackTools.speech()",
     "verbosity": "it is a parameter of OpenAI's own models; use request_params for a backend's own parameters",
     "collect_metrics_on_completion": "usage is collected from every answer, streamed or not",
+    "client": "this module has its own HTTP client; set timeout, connect_timeout, max_retries, verify or headers",
+    "async_client": "this module has its own HTTP client; set timeout, connect_timeout, max_retries, verify or headers",
 }
 
 
@@ -2517,20 +2548,19 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._take_openai_names()
+        self._check_openai_names()
         self._start_client()
 
-    def _take_openai_names(self) -> None:
-        """The OpenAI SDK's header names folded into ``headers`` (the client is built from them once); the
-        dictionaries checked now, not at the first call."""
-        for name in ("extra_body", "extra_query", "default_query", "extra_headers", "default_headers", "role_map"):
+    def _check_openai_names(self) -> None:
+        """The OpenAI SDK's dictionaries checked now, not at the first call (the header ones with the client)."""
+        for name in ("extra_body", "extra_query", "default_query", "role_map"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
-        if self.default_headers or self.extra_headers:
-            if self.headers is not None and not isinstance(self.headers, dict):
-                raise ValueError(f"headers must be a dict of header names to values, got {type(self.headers).__name__}")
-            self.headers = {**(self.default_headers or {}), **(self.headers or {}), **(self.extra_headers or {})}
+
+    def _header_layers(self) -> Tuple[Tuple[str, Any], ...]:
+        # Read when the client is built: at construction, and again when a client option (headers too) changes.
+        return (("default_headers", self.default_headers), ("headers", self.headers), ("extra_headers", self.extra_headers))
 
     # -- transport --------------------------------------------------------------
 
@@ -2574,7 +2604,8 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                        "Set context_window=N on GPUStackChat to fold before.")
             return Compaction(**{"compact_at_tokens": None, "on_context_overflow": True, **options})
         # A max_tokens above half the window is lowered to fit each request anyway (_fit_max_tokens).
-        answer = min(answer_tokens or self.max_tokens or int(window * COMPACTION_ANSWER_SHARE), window // 2)
+        wanted = answer_tokens or self.max_tokens or self.max_completion_tokens
+        answer = min(wanted or int(window * COMPACTION_ANSWER_SHARE), window // 2)
         at = max(1, window - answer - int(window * reserve))
         counted = {} if "token_counter" in options else {"use_model_token_count": True}
         return Compaction(**{"compact_at_tokens": at, "on_context_overflow": True, **counted, **options})
@@ -2590,9 +2621,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         """Lower a ``max_tokens`` that cannot fit the window beside the prompt, so the request is answered rather
         than refused. Only lowered, never a request held back: a prompt that alone exceeds the window goes as
         it is, and the server decides. The margin is wide until the model's counts are calibrated."""
-        name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
-        wanted = body.get(name)
-        if not isinstance(wanted, int) or isinstance(wanted, bool):
+        asked = {name: body[name] for name in ("max_tokens", "max_completion_tokens")
+                 if isinstance(body.get(name), int) and not isinstance(body[name], bool)}
+        if not asked:
             return
         window = self.context_window
         if window is None:
@@ -2601,12 +2632,15 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         factor = self._calibration().factor()
         prompt = round(text * factor * 1.05 if factor else text * 1.5) + media + FIT_MARGIN_TOKENS
         room = window - prompt
-        if wanted <= room or room < 1:
+        if room < 1:
             return
-        body[name] = room
-        _warn_once(f"fit {self.id}", f"GPUStack model {self.id!r} has a context window of {window} tokens: "
-                   f"{name}={wanted} cannot fit beside the prompt, so it was lowered (to {room} for this request). "
-                   f"A {name} that leaves room for the prompt is sent as it is.")
+        for name, wanted in asked.items():  # both, when both are set: backends differ in which one they read
+            if wanted <= room:
+                continue
+            body[name] = room
+            _warn_once(f"fit {self.id}", f"GPUStack model {self.id!r} has a context window of {window} tokens: "
+                       f"{name}={wanted} cannot fit beside the prompt, so it was lowered (to {room} for this request). "
+                       f"A {name} that leaves room for the prompt is sent as it is.")
 
     def to_dict(self) -> Dict[str, Any]:
         """The model's settings without secrets: ``model.to_dict()``."""
@@ -2690,8 +2724,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         return formatted
 
     def _body(self, messages: Sequence[Any], stream: bool, compress_tool_results: bool = False, **kwargs: Any) -> Dict[str, Any]:
-        if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
-            raise TypeError("messages must be a list of agno Message objects or {'role': ..., 'content': ...} dicts")
+        messages = _message_list(messages)
         if all(isinstance(message, Message) for message in messages):
             # Agno's own step for OpenAI-compatible servers: older sessions kept a turn's tool results in one message.
             messages = normalize_tool_messages(list(messages))
@@ -2728,6 +2761,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     def _invoke(self, messages: Sequence[Union[Message, Dict[str, Any]]], assistant_message: Optional[Message],
                 response_format: Any, tools: Optional[List[Dict[str, Any]]], tool_choice: Any, run_response: Any,
                 compress_tool_results: bool) -> ModelResponse:
+        messages = _message_list(messages)  # read more than once below: an iterator too
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
@@ -2786,6 +2820,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     def _invoke_stream(self, messages: Sequence[Union[Message, Dict[str, Any]]], assistant_message: Optional[Message],
                        response_format: Any, tools: Optional[List[Dict[str, Any]]], tool_choice: Any, run_response: Any,
                        compress_tool_results: bool) -> Iterator[ModelResponse]:
+        messages = _message_list(messages)
         body = self._body(messages, True, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
@@ -2853,22 +2888,15 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             await pieces.aclose()  # now, not whenever the garbage collector gets to it
 
     def _chat_call(self, body: Dict[str, Any], extra: Optional[Dict[str, str]]) -> Dict[str, Any]:
-        try:
-            return self._transport().call("POST", self._path("chat/completions"), body, expect="choices", extra=extra)
-        except ModelProviderError as error:
-            if not self._named_in_its_case(error, body):
-                raise
-        return self._transport().call("POST", self._path("chat/completions"), body, expect="choices", extra=extra)
+        return self._under_its_name(
+            body, lambda: self._transport().call("POST", self._path("chat/completions"), body, expect="choices", extra=extra))
 
     def _chat_stream(self, body: Dict[str, Any], extra: Optional[Dict[str, str]]) -> Generator[Dict[str, Any], None, None]:
-        chunks = self._transport().stream(self._path("chat/completions"), body, extra=extra)
-        try:
-            first = next(chunks, None)
-        except ModelProviderError as error:
-            if not self._named_in_its_case(error, body):
-                raise
+        def opened() -> Tuple[Generator[Dict[str, Any], None, None], Any]:
             chunks = self._transport().stream(self._path("chat/completions"), body, extra=extra)
-            first = next(chunks, None)
+            return chunks, next(chunks, None)  # the first event: a refusal is known before anything is yielded
+
+        chunks, first = self._under_its_name(body, opened)
         if first is None:
             return
         try:
@@ -2877,23 +2905,24 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         finally:
             chunks.close()
 
-    def _named_in_its_case(self, error: ModelProviderError, body: Dict[str, Any]) -> bool:
-        """A model Agno built from a string that GPUStack doesn't know takes, once, the running model whose name
-        differs only in case (Agno's eval router lowercases the id it is given); True if the request may go again."""
-        if not self._named_by_agno or error.status_code != 404:
-            return False
-        self._named_by_agno = False
-        wanted = self.id.lower()
+    def _under_its_name(self, body: Dict[str, Any], send: Callable[[], T]) -> T:
+        """Send; once more if GPUStack knows no model of this name and this model's name came from Agno, which
+        lowercases the id its eval router is given, and a running model has the same name in another case."""
         try:
-            same = [name for name in _deployment(self._transport().settings).running() if name.lower() == wanted]
-        except ModelProviderError:
-            return False
-        if len(same) != 1 or same[0] == self.id:
-            return False
-        _warn_once(f"case {self.id}", f"GPUStack has no model {self.id!r}; {same[0]!r} is used, the running model "
-                   "of that name in another case (Agno's evals lowercase the model id).")
-        self.id = body["model"] = same[0]
-        return True
+            return send()
+        except ModelProviderError as error:
+            failure = getattr(error, "failure", None)
+            if not self._named_by_agno or failure is None or failure.topic != UNKNOWN_MODEL:
+                raise
+            if body["model"] == self.id:  # not renamed by a call that failed alongside
+                running = _deployment(self._transport().settings).in_other_case(self.id)
+                if running is None:
+                    raise
+                _warn_once(f"case {self.id}", f"GPUStack has no model {self.id!r}; {running!r} is used, the running "
+                           "model of that name in another case (Agno's evals lowercase the model id).")
+                self.id = running
+            body["model"] = self.id
+        return send()
 
     def _spot_markup(self, recent: str, text: str) -> Optional[str]:
         """Tool-call markup in streamed text, also cut across pieces: warned about; what could still begin it, kept."""
@@ -2947,9 +2976,11 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         """GPUStack routes the requests of a multi-replica deployment that carry one ``session-id`` to one replica,
         the one that holds the conversation's KV cache. Agno hands the run, with its session, to each call; the
         header carries a digest of the session id, never the id itself (it may hold user data), the same in every
-        process (several app workers may serve one session). A ``session-id`` in ``headers`` wins."""
+        process (several app workers may serve one session). A ``session-id`` among the model's headers wins."""
         session = getattr(run_response, "session_id", None)
-        if not session or not self.session_affinity or any(name.lower() in _AFFINITY_HEADERS for name in self.headers or ()):
+        if not session or not self.session_affinity:
+            return None
+        if any(name.lower() in _AFFINITY_HEADERS for name, _ in self._transport().settings.headers or ()):
             return None
         return {"session-id": hashlib.sha256(f"agno-gpustack session\0{session}".encode()).hexdigest()[:32]}
 
@@ -3051,11 +3082,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
                 result.tool_calls = delta["tool_calls"]
             if choice.get("finish_reason"):
                 result.provider_data = {"finish_reason": choice["finish_reason"]}
-        answered = response.get("model")
-        if answered is not None and answered != self.id:
-            served = self._served_by(answered)
-            if served is not None:
-                result.provider_data = {**(result.provider_data or {}), "served_by": served}
+        served = self._served_by(response.get("model"))
+        if served is not None:
+            result.provider_data = {**(result.provider_data or {}), "served_by": served}
         if response.get("usage"):
             result.response_usage = _usage_metrics(response["usage"])
         return result
@@ -3115,6 +3144,9 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     def _completion_params(self) -> Dict[str, Any]:
         params = self.get_request_params()
         params.pop("chat_template_kwargs", None)
+        newer = params.pop("max_completion_tokens", None)  # a chat name: /v1/completions reads max_tokens
+        if newer is not None:
+            params.setdefault("max_tokens", newer)
         return params
 
     def _complete_stream(self, body: Dict[str, Any]) -> Iterator[str]:
@@ -3621,7 +3653,8 @@ class GPUStackRerank(Reranker):
         documents = list(documents)
         texts = [_document_text(document) for document in documents]
         keep = top_n or self.top_n
-        if _checked_count("limit", limit) is not None:
+        limit = _checked_count("limit", limit)
+        if limit is not None:
             keep = min(keep, limit) if keep else limit
         if not all(isinstance(document, Document) for document in documents) or not documents:
             return self._results(query, texts, keep)
@@ -3654,7 +3687,7 @@ def _client_option(name: str) -> property:
     """A client option of GPUStackRerank as a property: ``reranker.timeout = 30`` rebuilds its client, checked."""
 
     def change(self: Any, value: Any) -> None:
-        client = _client_options({**{option: getattr(self._client, option) for option in CLIENT_OPTIONS}, name: value})
+        client = _client_options({**self._client.keywords(), name: value})
         client._client_settings("GPUStackRerank")  # checked before it replaces the one in use
         self._client = client
 
@@ -4024,9 +4057,10 @@ def registry(base_url: Optional[str] = None, api_key: Optional[str] = None, **cl
     given = {"base_url": base_url, "api_key": api_key, **client}
     options = _client_options(given)
     _no_other_options(given, "registry")
-    settings = {name: getattr(options, name) for name in CLIENT_OPTIONS}
-    names = [model["id"] for model in list_models(categories=["llm"], **settings)]
-    return Registry(name="GPUStack", models=[GPUStackChat(id=name, **settings) for name in names])
+    settings = options._client_settings("registry")
+    running = _deployment(settings).models(["llm"], seconds=settings.timeout, fresh=True,
+                                           connect_timeout=settings.connect_timeout)
+    return Registry(name="GPUStack", models=[GPUStackChat(id=model["id"], **options.keywords()) for model in running])
 
 
 # Agno builds a model from "gpustack:<id>" (Agent(model=...), Compaction, FallbackConfig, evals, memory
@@ -4056,7 +4090,7 @@ def _join_agno_model_strings() -> None:
     table = getattr(utils, "MODEL_PROVIDER_CLASSES", None)
     if not isinstance(table, dict):
         log_debug("gpustack: Agno's MODEL_PROVIDER_CLASSES has moved; 'gpustack:<model>' strings are not registered")
-    elif AGNO_PROVIDER_KEY in table:
+    elif AGNO_PROVIDER_KEY in table and table[AGNO_PROVIDER_KEY][1] != _model_from_agno.__name__:
         log_debug(f"gpustack: Agno has its own {AGNO_PROVIDER_KEY!r} provider {table[AGNO_PROVIDER_KEY]}; it is kept")
     else:
         table[AGNO_PROVIDER_KEY] = (__name__, _model_from_agno.__name__)
@@ -4096,7 +4130,7 @@ def _wrap_if_tracing_started(cls: type) -> None:
         if not instrumentor.is_instrumented_by_opentelemetry:
             return
         originals = instrumentor._original_model_call_methods
-        if not isinstance(originals, dict) or cls in originals:
+        if not isinstance(originals, dict) or cls in originals:  # wrapped already: once is enough
             return
         wrapper = _ModelWrapper(tracer=instrumentor._tracer)
     except (ImportError, AttributeError, TypeError) as error:
@@ -4195,7 +4229,7 @@ def diagnose(
             return True, "no running models", "deploy a model in GPUStack, or wait for one to start"
         return True, "; ".join(_model_line(item) for item in running), ""
 
-    model_client = {name: getattr(options, name) for name in CLIENT_OPTIONS}
+    model_client = options.keywords()
     model_client["api_key"] = options.api_key or ""
     if key_ok:
         report.run("running models", catalog)

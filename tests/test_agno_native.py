@@ -74,11 +74,66 @@ def test_extra_query_reaches_text_completions_too(fake):
     assert fake.requests[-1].path == "/v1/completions?tenant=x"
 
 
-@pytest.mark.parametrize("name", ["extra_body", "extra_query", "default_query", "extra_headers", "default_headers", "role_map"])
-def test_a_mapping_option_that_is_not_a_dict_is_refused_at_construction(fake, name):
-    with pytest.raises(ValueError, match=f"^{name} must be a dict, got list$"):
+@pytest.mark.parametrize("name, words", [
+    ("extra_body", "a dict"), ("extra_query", "a dict"), ("default_query", "a dict"), ("role_map", "a dict"),
+    ("extra_headers", "a dict of header names to values"), ("default_headers", "a dict of header names to values"),
+])
+def test_a_mapping_option_that_is_not_a_dict_is_refused_at_construction(fake, name, words):
+    with pytest.raises(ValueError, match=f"^{name} must be {words}, got list$"):
         GPUStackChat(id="m", base_url=fake.url, **{name: [("a", "b")]})
     assert fake.requests == []
+
+
+def test_extra_headers_win_over_headers(fake):
+    model = GPUStackChat(id="m", base_url=fake.url, headers={"X-A": "ours"}, extra_headers={"X-A": "extra"})
+    model.invoke(user())
+    assert fake.requests[-1].headers["X-A"] == "extra"
+
+
+def test_a_copy_with_other_default_headers_sends_them(fake):
+    import dataclasses
+
+    model = GPUStackChat(id="m", base_url=fake.url, default_headers={"X-A": "old"})
+    dataclasses.replace(model, default_headers={"X-A": "new"}).invoke(user())
+    assert fake.requests[-1].headers["X-A"] == "new"
+
+
+def test_headers_changed_later_keep_the_default_and_extra_ones(fake):
+    model = GPUStackChat(id="m", base_url=fake.url, default_headers={"X-D": "d"}, extra_headers={"X-E": "e"})
+    model.headers = {"X-H": "h"}
+    model.invoke(user())
+    sent = fake.requests[-1].headers
+    assert (sent["X-D"], sent["X-H"], sent["X-E"]) == ("d", "h", "e")
+
+
+def test_a_session_header_among_default_headers_wins_over_the_digest(fake):
+    from agno.agent import Agent
+
+    model = GPUStackChat(id="m", base_url=fake.url, default_headers={"session-id": "mine"})
+    Agent(model=model, session_id="s1").run("hi")
+    assert [value for name, value in fake.requests[-1].headers.items() if name.lower() == "session-id"] == ["mine"]
+
+
+def test_max_completion_tokens_goes_to_text_completions_as_max_tokens(fake):
+    fake.on("/v1/completions", reply(200, {"choices": [{"text": " there"}]}))
+    GPUStackChat(id="m", base_url=fake.url, max_completion_tokens=20).complete("Hi")
+    sent = fake.requests[-1].json
+    assert (sent["max_tokens"], "max_completion_tokens" in sent) == (20, False)
+
+
+def test_an_iterator_of_messages_is_sent_whole(model, fake):
+    model.invoke(iter([Message(role="system", content="be brief"), *user()]))
+    assert [m["role"] for m in fake.requests[-1].json["messages"]] == ["system", "user"]
+
+
+def test_a_subclass_field_named_as_an_openai_only_option_is_its_own(fake):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Tagged(GPUStackChat):
+        metadata: str = ""
+
+    assert Tagged(id="m", base_url=fake.url, metadata="team-a").metadata == "team-a"
 
 
 def test_openai_only_options_are_accepted_and_warned_about_once(fake, agno_log, monkeypatch):
@@ -240,8 +295,12 @@ def agno_debug(agno_log, monkeypatch):
     monkeypatch.setattr(log, "debug_on", True)
     level = log.logger.level
     log.logger.setLevel(logging.DEBUG)
-    yield agno_log
+    yield agno_log  # Agno's own debug lines, from threads of earlier tests too: read only gpustack's
     log.logger.setLevel(level)
+
+
+def ours(lines):
+    return [line for line in lines if line.startswith("gpustack:")]
 
 
 def test_gpustack_is_a_provider_of_agnos_model_strings():
@@ -257,7 +316,7 @@ def test_agnos_own_gpustack_provider_is_left_as_it_is(monkeypatch, agno_debug):
     monkeypatch.setitem(utils.MODEL_PROVIDER_CLASSES, "gpustack", ("agno.models.gpustack", "GPUStack"))
     gpustack._join_agno_model_strings()
     assert utils.MODEL_PROVIDER_CLASSES["gpustack"] == ("agno.models.gpustack", "GPUStack")
-    assert agno_debug == ["gpustack: Agno has its own 'gpustack' provider ('agno.models.gpustack', 'GPUStack'); it is kept"]
+    assert ours(agno_debug) == ["gpustack: Agno has its own 'gpustack' provider ('agno.models.gpustack', 'GPUStack'); it is kept"]
 
 
 def test_a_moved_table_of_providers_is_said_in_the_debug_log(monkeypatch, agno_debug):
@@ -265,7 +324,7 @@ def test_a_moved_table_of_providers_is_said_in_the_debug_log(monkeypatch, agno_d
 
     monkeypatch.delattr(utils, "MODEL_PROVIDER_CLASSES")
     gpustack._join_agno_model_strings()
-    assert agno_debug == ["gpustack: Agno's MODEL_PROVIDER_CLASSES has moved; 'gpustack:<model>' strings are not registered"]
+    assert ours(agno_debug) == ["gpustack: Agno's MODEL_PROVIDER_CLASSES has moved; 'gpustack:<model>' strings are not registered"]
 
 
 def test_an_agent_runs_on_a_gpustack_string_with_the_server_and_key_of_the_environment(from_environment):
@@ -306,6 +365,17 @@ def test_a_fallback_given_as_a_gpustack_string_answers_when_the_model_fails(from
     assert [seen.json["model"] for seen in from_environment.requests] == ["big-model", "ghost-routed"]
 
 
+def test_an_async_run_falls_back_to_a_gpustack_string_too(from_environment):
+    from agno.agent import Agent
+    from agno.models.fallback import FallbackConfig
+
+    from_environment.on("/v1/chat/completions", reply(500, {"error": {"message": "engine died", "code": 500}}),
+                        reply(200, REAL_CHAT))
+    agent = Agent(model=GPUStackChat(id="big-model", max_retries=0), fallback_config=FallbackConfig(on_error=["gpustack:ghost-routed"]))
+    assert asyncio.run(agent.arun("hi")).content == "Hello"
+    assert [seen.json["model"] for seen in from_environment.requests] == ["big-model", "ghost-routed"]
+
+
 def test_memory_optimisation_takes_a_gpustack_string(from_environment, tmp_path):
     from agno.db.sqlite import SqliteDb
     from agno.memory.manager import MemoryManager
@@ -321,6 +391,20 @@ def test_memory_optimisation_takes_a_gpustack_string(from_environment, tmp_path)
     assert from_environment.requests[-1].json["model"] == "ghost-routed"
 
 
+def test_async_memory_optimisation_takes_a_gpustack_string(from_environment, tmp_path):
+    from agno.db.sqlite import SqliteDb
+    from agno.memory import UserMemory
+    from agno.memory.manager import MemoryManager
+
+    manager = MemoryManager(model="gpustack:ghost-routed", db=SqliteDb(db_file=str(tmp_path / "agno.db")))
+    for text in ("Likes tea", "Likes green tea"):
+        manager.add_user_memory(UserMemory(memory=text), user_id="ann")
+    from_environment.on("/v1/chat/completions", reply(200, chat_answer("Likes tea, green tea best.")))
+    optimised = asyncio.run(manager.aoptimize_memories(user_id="ann", apply=False))
+    assert [memory.memory for memory in optimised] == ["Likes tea, green tea best."]
+    assert from_environment.requests[-1].json["model"] == "ghost-routed"
+
+
 def test_a_saved_agent_is_rebuilt_without_a_registry(from_environment):
     from agno.agent import Agent
 
@@ -329,7 +413,19 @@ def test_a_saved_agent_is_rebuilt_without_a_registry(from_environment):
     rebuilt = Agent.from_dict(config)
     assert (type(rebuilt.model), rebuilt.model.id, rebuilt.model.base_url) == (GPUStackChat, "ghost-routed", from_environment.url)
     assert rebuilt.run("hi").content == "Hello"
-    assert from_environment.requests[-1].headers["Authorization"] == "Bearer sk-env-key-123456"
+    assert asyncio.run(rebuilt.arun("hi")).content == "Hello"
+    assert [seen.headers["Authorization"] for seen in from_environment.requests] == ["Bearer sk-env-key-123456"] * 2
+
+
+def only_qwen3_8b(fake):
+    """A GPUStack whose one chat model has capitals in its name."""
+    def by_name(h, seen):
+        if seen.json["model"] == "Qwen3-8B":
+            return reply(200, chat_answer("Hello"))(h, seen)
+        reply(404, {"error": {"message": "Model not found", "code": 404, "type": "NotFound"}})(h, seen)
+
+    fake.on("/v1/chat/completions", by_name)
+    fake.on("/v1/models", reply(200, {"data": [{"id": "Qwen3-8B"}]}))
 
 
 def test_a_model_string_in_another_case_runs_on_the_running_model_of_that_name(from_environment, agno_log, monkeypatch):
@@ -364,6 +460,64 @@ def test_a_streamed_model_string_in_another_case_runs_on_the_running_model_of_th
     from_environment.on("/v1/models", reply(200, {"data": [{"id": "Qwen3-8B"}]}))
     model = get_model("gpustack:qwen3-8b")
     assert "".join(piece.content or "" for piece in model.invoke_stream(user())) == "Hello"
+    assert [seen.json["model"] for seen in from_environment.requests if seen.path == "/v1/chat/completions"] == [
+        "qwen3-8b", "Qwen3-8B"]
+
+
+def test_two_running_names_in_other_cases_leave_the_choice_to_the_user(from_environment):
+    from agno.models.utils import get_model
+
+    only_qwen3_8b(from_environment)
+    from_environment.on("/v1/models", reply(200, {"data": [{"id": "Qwen3-8B"}, {"id": "QWEN3-8B"}]}))
+    with pytest.raises(gpustack.ModelProviderError) as raised:
+        get_model("gpustack:qwen3-8b").invoke(user())
+    assert raised.value.status_code == 404
+    assert [seen.json["model"] for seen in from_environment.requests if seen.path == "/v1/chat/completions"] == ["qwen3-8b"]
+
+
+def test_an_unknown_name_in_no_other_case_is_the_404_it_was(from_environment):
+    from agno.models.utils import get_model
+
+    only_qwen3_8b(from_environment)
+    from_environment.on("/v1/models", reply(200, {"data": [{"id": "llama3"}]}))
+    with pytest.raises(gpustack.ModelProviderError) as raised:
+        get_model("gpustack:qwen3-8b").invoke(user())
+    assert raised.value.status_code == 404
+    assert [seen.json["model"] for seen in from_environment.requests if seen.path == "/v1/chat/completions"] == ["qwen3-8b"]
+
+
+def test_another_failure_of_a_string_built_model_is_not_looked_into(from_environment):
+    from agno.models.utils import get_model
+
+    from_environment.on("/v1/chat/completions", reply(400, {"error": {"message": "bad request: no", "code": 400}}))
+    with pytest.raises(gpustack.ModelProviderError):
+        get_model("gpustack:qwen3-8b").invoke(user())
+    assert [seen.path for seen in from_environment.requests] == ["/v1/chat/completions"]
+
+
+def test_calls_refused_together_all_go_again_under_the_one_name_found(from_environment):
+    from agno.models.utils import get_model
+
+    import threading
+
+    arrived = threading.Barrier(2)
+
+    def by_name(h, seen):
+        if seen.json["model"] == "Qwen3-8B":
+            return reply(200, chat_answer("Hello"))(h, seen)
+        arrived.wait(5)  # both first requests are in before either is refused
+        reply(404, {"error": {"message": "Model not found", "code": 404, "type": "NotFound"}})(h, seen)
+
+    from_environment.on("/v1/chat/completions", by_name)
+    from_environment.on("/v1/models", reply(200, {"data": [{"id": "Qwen3-8B"}]}))
+    model = get_model("gpustack:qwen3-8b")
+
+    async def both():
+        return await asyncio.gather(model.ainvoke(user()), model.ainvoke(user()))
+
+    assert [answer.content for answer in asyncio.run(both())] == ["Hello", "Hello"]
+    assert sorted(seen.json["model"] for seen in from_environment.requests if seen.path == "/v1/chat/completions") == [
+        "Qwen3-8B", "Qwen3-8B", "qwen3-8b", "qwen3-8b"]
 
 
 def test_a_model_built_in_code_keeps_its_name_as_given(fake):
@@ -418,17 +572,6 @@ def test_agentos_config_shows_an_agent_on_a_gpustack_string(agent_os):
     with agent_os([agent_os.agent]) as client:
         config = client.get("/config").json()
     assert [agent["model"] for agent in config["agents"]] == [{"id": "ghost-routed", "provider": "GPUStack"}]
-
-
-def only_qwen3_8b(fake):
-    """A GPUStack whose one chat model has capitals in its name."""
-    def by_name(h, seen):
-        if seen.json["model"] == "Qwen3-8B":
-            return reply(200, chat_answer("Hello"))(h, seen)
-        reply(404, {"error": {"message": "Model not found", "code": 404, "type": "NotFound"}})(h, seen)
-
-    fake.on("/v1/chat/completions", by_name)
-    fake.on("/v1/models", reply(200, {"data": [{"id": "Qwen3-8B"}]}))
 
 
 def test_an_agentos_eval_run_on_the_gpustack_provider_runs_on_the_model_named_whatever_its_case(agent_os, from_environment):
@@ -523,8 +666,9 @@ def test_each_model_call_is_one_llm_span_with_the_servers_token_counts(fake, tmp
 
     fake.on("/v1/chat/completions", by_input)
     db_file = str(tmp_path / "traces.db")
-    subprocess.run([sys.executable, "-c", TRACED_RUNS, db_file, fake.url, HERE, order], check=True, timeout=120,
-                   capture_output=True)
+    ran = subprocess.run([sys.executable, "-c", TRACED_RUNS, db_file, fake.url, HERE, order], timeout=120,
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
     db = SqliteDb(db_file=db_file)
     traces, _ = db.get_traces(limit=50)
     spans = {trace.trace_id: [span for span in db.get_spans(trace_id=trace.trace_id)
@@ -550,3 +694,28 @@ def test_without_tracing_nothing_of_it_is_imported_and_the_calls_are_our_own():
              "type(gpustack.GPUStackChat.__dict__['invoke']).__name__)")
     shown = subprocess.run([sys.executable, "-c", probe, HERE], check=True, capture_output=True, text=True, timeout=60)
     assert shown.stdout.split() == ["[]", "function"]
+
+
+WRAPPED_TWICE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import gpustack
+from openinference.instrumentation.agno import AgnoInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+AgnoInstrumentor().instrument(tracer_provider=TracerProvider())
+gpustack._wrap_if_tracing_started(gpustack.GPUStackChat)  # as a second import of the module would
+AgnoInstrumentor().uninstrument()
+print(type(gpustack.GPUStackChat.__dict__["invoke"]).__name__)
+"""
+
+
+def test_a_class_wrapped_by_the_instrumentor_is_not_wrapped_again_and_is_unwrapped_whole():
+    pytest.importorskip("openinference.instrumentation.agno")
+    shown = subprocess.run([sys.executable, "-c", WRAPPED_TWICE, HERE], capture_output=True, text=True, timeout=60)
+    assert (shown.returncode, shown.stdout.split()) == (0, ["function"]), shown.stderr
+
+
+def test_an_instrumentor_that_has_not_started_is_left_alone(agno_debug):
+    pytest.importorskip("openinference.instrumentation.agno")
+    gpustack._wrap_if_tracing_started(GPUStackChat)
+    assert (type(GPUStackChat.__dict__["invoke"]).__name__, ours(agno_debug)) == ("function", [])

@@ -78,9 +78,11 @@ def test_strings_honour_limit_as_documents_do(reranker, fake):
     assert fake.requests[-1].json["top_n"] == 2
 
 
-def test_the_smaller_of_limit_and_top_n_is_kept(reranker, fake):
+@pytest.mark.parametrize("limit, top_n", [(3, 1), (1, 3)])
+def test_the_smaller_of_limit_and_top_n_is_kept(reranker, fake, limit, top_n):
     fake.on("/v1/rerank", reply(200, {"results": [{"index": 2, "relevance_score": 0.9}]}))
-    reranker.rerank("capital", DOCS, limit=3, top_n=1)
+    assert reranker.rerank("capital", DOCS, limit=limit, top_n=top_n) == [
+        {"index": 2, "relevance_score": 0.9, "document": DOCS[2]}]
     assert fake.requests[-1].json["top_n"] == 1
 
 

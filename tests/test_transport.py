@@ -324,7 +324,7 @@ def test_idle_connection_closed_by_the_server_is_not_used_for_a_get(fake, agno_l
         h.close_connection = True
 
     fake.on("/v1/models", models_then_close)
-    transport = gpustack._Transport(gpustack._settings(fake.url, None, None, 0, None, None))
+    transport = gpustack._Transport(gpustack._settings(fake.url, None, None, 0, None, ()))
     for _ in range(3):
         assert len(transport.call("GET", "models", expect="data")["data"]) == 3
         assert fake.closed.acquire(timeout=5)
