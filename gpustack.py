@@ -2727,7 +2727,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
         messages = _message_list(messages)
         if all(isinstance(message, Message) for message in messages):
             # Agno's own step for OpenAI-compatible servers: older sessions kept a turn's tool results in one message.
-            messages = normalize_tool_messages(list(messages))
+            messages = normalize_tool_messages(messages)
         roles = {**_ROLES, **self.role_map} if self.role_map else _ROLES
         body: Dict[str, Any] = {
             "model": self.id,
@@ -4043,6 +4043,9 @@ async def alist_models(
     """``await alist_models()``: list_models() without blocking the event loop."""
     return await _in_thread(list_models, base_url, api_key, categories, **options)
 
+
+# Agno's entry points: its names, model strings, the registry, traces ###########
+# A GPUStack model wherever Agno takes a model. Nothing here runs on a call of a model.
 
 # Agno's names for these classes, for code written against its other providers.
 GPUStackEmbedder = GPUStackEmbeddings

@@ -602,3 +602,44 @@ def test_a_sessions_digest_reaches_the_backend_behind_gpustacks_worker_proxy(bac
     seen = [request for request in backend.requests if request.path == "/v1/chat/completions"][-1]
     header = next((value for name, value in seen.headers.items() if name.lower() == "session-id"), None)
     assert header == model._affinity(Run())["session-id"] and "live-session" not in json.dumps(seen.headers)
+
+
+# Wherever Agno takes a model ##########################################################################
+
+
+def test_an_agent_on_a_gpustack_string_runs_through_gpustack(backend, monkeypatch):
+    from agno.agent import Agent
+
+    monkeypatch.setenv("GPUSTACK_SERVER_URL", SERVER)
+    monkeypatch.setenv("GPUSTACK_API_KEY", KEY)
+    output = Agent(model=f"gpustack:{CHAT}", telemetry=False).run("Reply with one word: OK")
+    said(backend, output.content)
+
+
+def test_a_model_string_in_another_case_finds_the_running_model_through_gpustacks_404(backend, monkeypatch):
+    from agno.models.utils import get_model
+
+    monkeypatch.setenv("GPUSTACK_SERVER_URL", SERVER)
+    monkeypatch.setenv("GPUSTACK_API_KEY", KEY)
+    model = get_model(f"gpustack:{CHAT.swapcase()}")  # Agno's eval router lowercases: any other case is the same case
+    said(backend, model.invoke(ask()).content)
+    assert model.id == CHAT
+
+
+@ours
+def test_the_served_model_and_the_cached_prompt_tokens_come_through_gpustack(backend):
+    usage = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32, "prompt_tokens_details": {"cached_tokens": 24}}
+
+    def routed(h: Any, seen: Any) -> None:
+        answer = {**chat_answer(BACKEND_ANSWER), "model": f"{CHAT}-fallback", "usage": usage}
+        if seen.json.get("stream"):
+            return stream({**chunk(BACKEND_ANSWER, finish="stop"), "model": f"{CHAT}-fallback"},
+                          {"choices": [], "usage": usage, "model": f"{CHAT}-fallback"}, b"data: [DONE]\n\n")(h, seen)
+        send(h, 200, json.dumps(answer).encode())
+
+    backend.on("/v1/chat/completions", routed)
+    answer = chat().invoke(ask())
+    assert (answer.provider_data["served_by"], answer.response_usage.cache_read_tokens) == (f"{CHAT}-fallback", 24)
+    pieces = list(chat().invoke_stream(ask()))
+    assert {piece.provider_data["served_by"] for piece in pieces if piece.provider_data} == {f"{CHAT}-fallback"}
+    assert [piece.response_usage.cache_read_tokens for piece in pieces if piece.response_usage] == [24]

@@ -319,6 +319,14 @@ def test_agnos_own_gpustack_provider_is_left_as_it_is(monkeypatch, agno_debug):
     assert ours(agno_debug) == ["gpustack: Agno has its own 'gpustack' provider ('agno.models.gpustack', 'GPUStack'); it is kept"]
 
 
+def test_our_entry_from_another_import_of_this_file_is_renewed_not_reported(monkeypatch, agno_debug):
+    from agno.models import utils
+
+    monkeypatch.setitem(utils.MODEL_PROVIDER_CLASSES, "gpustack", ("__main__", "_model_from_agno"))  # python gpustack.py
+    gpustack._join_agno_model_strings()
+    assert (utils.MODEL_PROVIDER_CLASSES["gpustack"], ours(agno_debug)) == (("gpustack", "_model_from_agno"), [])
+
+
 def test_a_moved_table_of_providers_is_said_in_the_debug_log(monkeypatch, agno_debug):
     from agno.models import utils
 

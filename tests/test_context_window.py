@@ -225,6 +225,20 @@ def test_a_max_tokens_larger_than_the_window_is_lowered_and_the_call_answers(fak
     ]
 
 
+def test_both_names_of_max_tokens_are_lowered_when_both_cannot_fit(fake):
+    fake.on("/v1/models", models_with_meta(qwen3={"max_model_len": 8192}))
+    fake.on("/v1/chat/completions", vllm_window(8192))
+    GPUStackChat(id="qwen3", base_url=fake.url, max_tokens=131072, max_completion_tokens=65536).invoke(user())
+    sent = fake.requests[-1].json
+    assert sent["max_tokens"] == sent["max_completion_tokens"] and prompt_tokens(sent) + sent["max_tokens"] <= 8192
+
+
+def test_a_max_completion_tokens_sizes_the_compaction_recipe_as_max_tokens_does(fake):
+    fake.on("/v1/models", models_with_meta(qwen3={"max_model_len": 8192}))
+    recipe = GPUStackChat(id="qwen3", base_url=fake.url, max_completion_tokens=1000).compaction()
+    assert recipe.compact_at_tokens == 8192 - 1000 - int(8192 * 0.05)
+
+
 def test_a_max_tokens_that_fits_is_sent_as_it_is(fake):
     fake.on("/v1/models", models_with_meta(qwen3={"max_model_len": 8192}))
     fake.on("/v1/chat/completions", vllm_window(8192))
