@@ -329,7 +329,7 @@ def test_unknown_model_is_404_naming_the_running_model_like_it(backend):
     error = refused(model=CHAT + "x")
     assert error.status_code == 404
     # The server as the client normalised it (a URL given with /v1 or a trailing slash loses them).
-    root = gpustack._settings(SERVER, KEY, None, None, True, None).root
+    root = gpustack._settings(SERVER, KEY, None, None, True, ()).root
     found = re.search(rf"Model '{re.escape(CHAT)}x' not found on GPUStack at {re.escape(root)}\. Running models like it: (.+?)\.(?:\s|$)",
                       error.message)
     assert found, error.message
