@@ -4103,45 +4103,15 @@ _join_agno_model_strings()
 
 
 # AgentOS traces: OpenInference's Agno instrumentor wraps the model classes it finds as members of the modules
-# of the agno.models package. GPUStackChat is named there once, so each instrument() wraps it as it wraps Agno's
-# own (and uninstrument() unwraps it); nothing of OpenTelemetry is imported here.
-
-_MODEL_CALLS = ("invoke", "ainvoke", "invoke_stream", "ainvoke_stream")
+# of the agno.models package, when it starts. GPUStackChat is named there, so each instrument() wraps it as it
+# wraps Agno's own (and uninstrument() unwraps it). Nothing of OpenTelemetry or OpenInference is imported or
+# touched here: tracing started before this module was imported wraps GPUStackChat when it starts again.
 
 
 def _join_agno_traces(cls: type) -> None:
     import agno.models.base
 
     setattr(agno.models.base, f"_gpustack_{cls.__qualname__}", cls)
-    _wrap_if_tracing_started(cls)
-
-
-def _wrap_if_tracing_started(cls: type) -> None:
-    """Tracing that started before this module was imported has walked agno.models already: the class is wrapped
-    now, with the instrumentor's own wrapper, and recorded where uninstrument() restores from (so, once).
-    The instrumentor has no public way to take one more class; its record and tracer are read, as little as that."""
-    if "openinference.instrumentation.agno" not in sys.modules:
-        return  # no tracing started: nothing is imported
-    from agno.utils.log import log_debug
-
-    try:
-        from openinference.instrumentation.agno import AgnoInstrumentor
-        from openinference.instrumentation.agno._model_wrapper import _ModelWrapper
-        from wrapt import wrap_function_wrapper
-
-        instrumentor: Any = AgnoInstrumentor()  # the one instance: OpenTelemetry's instrumentors are singletons
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            return
-        originals = instrumentor._original_model_call_methods
-        if not isinstance(originals, dict) or cls in originals:  # wrapped already: once is enough
-            return
-        wrapper = _ModelWrapper(tracer=instrumentor._tracer)
-    except (ImportError, AttributeError, TypeError) as error:
-        log_debug(f"gpustack: tracing started before gpustack was imported, and {cls.__name__} can't join it: {error}")
-        return
-    originals[cls] = {name: getattr(cls, name) for name in _MODEL_CALLS}
-    for name, how in zip(_MODEL_CALLS, (wrapper.run, wrapper.arun, wrapper.run_stream, wrapper.arun_stream)):
-        wrap_function_wrapper(cls, name, how)
 
 
 _join_agno_traces(GPUStackChat)

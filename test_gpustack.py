@@ -35,3 +35,25 @@ import gpustack
 
 def test_every_name_in_all_exists():
     assert [name for name in gpustack.__all__ if not hasattr(gpustack, name)] == []
+
+
+def test_the_module_imports_only_the_standard_library_and_agno():
+    """Anywhere in it, optional imports inside functions too: the design's promise to those who vendor the file."""
+    import ast
+    import importlib.util
+    import os
+    import sys
+    import sysconfig
+
+    def standard(name: str) -> bool:
+        if hasattr(sys, "stdlib_module_names"):  # Python 3.10+
+            return name in sys.stdlib_module_names
+        spec = importlib.util.find_spec(name)
+        return spec is not None and (spec.origin in ("built-in", "frozen")
+                                     or (spec.origin or "").startswith(sysconfig.get_paths()["stdlib"]))
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpustack.py"), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert {name.split(".")[0] for name in names if not standard(name.split(".")[0])} == {"agno"}

@@ -644,7 +644,9 @@ from agno.tracing import setup_tracing
 setup_tracing(db=SqliteDb(db_file=sys.argv[1]))
 import gpustack
 from openinference.instrumentation.agno import AgnoInstrumentor
-AgnoInstrumentor().instrument()  # started again, as a second AgentOS in the process does
+if order == "imported after tracing started":  # what README says to do then: start the instrumentor again
+    AgnoInstrumentor().uninstrument()
+AgnoInstrumentor().instrument()  # a no-op when it runs: as a second AgentOS in the process does
 model = gpustack.GPUStackChat(id="ghost-routed", base_url=sys.argv[2], max_retries=0)
 Agent(model=model).run("plain")
 list(Agent(model=model).run("streamed", stream=True))
@@ -710,20 +712,16 @@ sys.path.insert(0, sys.argv[1])
 import gpustack
 from openinference.instrumentation.agno import AgnoInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
-AgnoInstrumentor().instrument(tracer_provider=TracerProvider())
-gpustack._wrap_if_tracing_started(gpustack.GPUStackChat)  # as a second import of the module would
+for _ in range(2):
+    AgnoInstrumentor().instrument(tracer_provider=TracerProvider())
+invoke = gpustack.GPUStackChat.__dict__["invoke"]
+print(type(invoke).__name__, type(invoke.__wrapped__).__name__)
 AgnoInstrumentor().uninstrument()
 print(type(gpustack.GPUStackChat.__dict__["invoke"]).__name__)
 """
 
 
-def test_a_class_wrapped_by_the_instrumentor_is_not_wrapped_again_and_is_unwrapped_whole():
+def test_the_instrumentor_wraps_the_class_once_and_unwraps_it_whole():
     pytest.importorskip("openinference.instrumentation.agno")
     shown = subprocess.run([sys.executable, "-c", WRAPPED_TWICE, HERE], capture_output=True, text=True, timeout=60)
-    assert (shown.returncode, shown.stdout.split()) == (0, ["function"]), shown.stderr
-
-
-def test_an_instrumentor_that_has_not_started_is_left_alone(agno_debug):
-    pytest.importorskip("openinference.instrumentation.agno")
-    gpustack._wrap_if_tracing_started(GPUStackChat)
-    assert (type(GPUStackChat.__dict__["invoke"]).__name__, ours(agno_debug)) == ("function", [])
+    assert (shown.returncode, shown.stdout.split()) == (0, ["FunctionWrapper", "function", "function"]), shown.stderr

@@ -935,8 +935,7 @@ def test_a_call_that_got_no_answer_says_so_in_its_failure(unreachable):
 
 def test_the_only_private_name_of_the_standard_library_in_use_is_http_clients_connection_seam():
     """Every ``._name`` the module reads or writes is one it defines itself, but ``_create_connection``: the seam
-    HTTPConnection.__init__ sets for opening its socket, named in a comment where it is used; and, outside the
-    standard library, the record and tracer of OpenInference's Agno instrumentor, read only once tracing started."""
+    HTTPConnection.__init__ sets for opening its socket, named in a comment where it is used."""
     import ast
 
     with open(os.path.join(HERE, "gpustack.py"), encoding="utf-8") as handle:
@@ -954,4 +953,4 @@ def test_the_only_private_name_of_the_standard_library_in_use_is_http_clients_co
             for element in ast.walk(node.value) if isinstance(element, ast.Constant) and isinstance(element.value, str)}
     private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
                and node.attr.startswith("_") and not node.attr.startswith("__")}
-    assert private - own == {"_create_connection", "_original_model_call_methods", "_tracer"}
+    assert private - own == {"_create_connection"}
