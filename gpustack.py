@@ -2723,8 +2723,8 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
             formatted["content"] = json.dumps(formatted["content"], default=str)
         return formatted
 
-    def _body(self, messages: Sequence[Any], stream: bool, compress_tool_results: bool = False, **kwargs: Any) -> Dict[str, Any]:
-        messages = _message_list(messages)
+    def _body(self, messages: List[Any], stream: bool, compress_tool_results: bool = False, **kwargs: Any) -> Dict[str, Any]:
+        """The request body; ``messages`` as _message_list() gave them."""
         if all(isinstance(message, Message) for message in messages):
             # Agno's own step for OpenAI-compatible servers: older sessions kept a turn's tool results in one message.
             messages = normalize_tool_messages(messages)
@@ -2761,7 +2761,7 @@ class GPUStackChat(_ClientOptions, _Windowed, Model):
     def _invoke(self, messages: Sequence[Union[Message, Dict[str, Any]]], assistant_message: Optional[Message],
                 response_format: Any, tools: Optional[List[Dict[str, Any]]], tool_choice: Any, run_response: Any,
                 compress_tool_results: bool) -> ModelResponse:
-        messages = _message_list(messages)  # read more than once below: an iterator too
+        messages = _message_list(messages)  # checked, and read more than once below: an iterator too
         body = self._body(messages, False, compress_tool_results, response_format=response_format, tools=tools, tool_choice=tool_choice)
         self._fit_max_tokens(body, messages, tools, response_format)
         if assistant_message is not None:
